@@ -1,0 +1,272 @@
+"""
+The layers of GPT-2, each written as a forward/backward pair.
+
+Every layer is two pure functions, as in cs231n and llm.c:
+
+    out, cache = X_forward(inputs, params)      # cache: what backward needs
+    dinputs, dparams = X_backward(dout, cache)  # the forward read in reverse
+
+The cache belongs to the call, not to an object, so one layer can be used any number of times in a
+forward pass. Each backward sits directly below its forward. Weights are stored (in, out), so a linear
+layer is `x @ w + b`, as in GPT-2's own checkpoints.
+
+The last section holds the layers that fine-tuning adds (LoRA, adapters); prefix tuning needs no layer
+of its own, only attention's `past_k, past_v` arguments.
+
+Legend: B batch, T time (new tokens), P past positions (KV cache or prefix), C channels (n_embd),
+NH heads, hs head size (C // NH), V vocabulary, r LoRA rank, m adapter width.
+"""
+import math
+
+import numpy as np
+
+IGNORE_INDEX = -100  # targets equal to this are not predicted (prompt tokens, padding), as in PyTorch
+
+
+# ----------------------------------------------------------------------------------------------------
+# token embedding
+
+def embedding_forward(idx, wte):
+    """Look up one row of wte per token.
+
+    Inputs: idx (B,T) ints in [0, V); wte (V,C).
+    Returns: out (B,T,C), cache.
+    """
+    out = wte[idx]                                    # (B,T) -> (B,T,C)
+    return out, (idx, wte.shape)
+
+
+def embedding_backward(dout, cache):
+    """Returns dwte (V,C). A token used several times collects all of its gradients."""
+    idx, wte_shape = cache
+    dwte = np.zeros(wte_shape, dtype=dout.dtype)
+    np.add.at(dwte, idx.ravel(), dout.reshape(-1, wte_shape[1]))   # scatter-add, (B*T,C) -> (V,C)
+    return dwte
+
+
+# ----------------------------------------------------------------------------------------------------
+# layer norm
+
+def layernorm_forward(x, w, b, eps=1e-5):
+    """Normalise each position's C features to mean 0, variance 1, then scale and shift.
+
+    Inputs: x (...,C); w, b (C,).
+    Returns: out (...,C), cache.
+    """
+    mean = x.mean(axis=-1, keepdims=True)             # (...,1)
+    xc = x - mean                                     # (...,C)
+    var = (xc * xc).mean(axis=-1, keepdims=True)      # (...,1) biased variance, as in GPT-2
+    rstd = 1.0 / np.sqrt(var + eps)                   # (...,1)
+    xhat = xc * rstd                                  # (...,C)
+    out = xhat * w + b                                # (...,C)
+    return out, (xhat, rstd, w)
+
+
+def layernorm_backward(dout, cache, need_dparams=True):
+    """Returns dx (...,C), dw (C,), db (C,). dw, db are None when need_dparams is False."""
+    xhat, rstd, w = cache
+    dw = db = None
+    if need_dparams:
+        C = dout.shape[-1]
+        dw = (dout * xhat).reshape(-1, C).sum(axis=0)  # forward was: out = xhat * w + b
+        db = dout.reshape(-1, C).sum(axis=0)
+    dxhat = dout * w                                  # (...,C)
+    # xhat depends on x directly and through mean and rstd; those two paths give the two subtracted terms
+    dx = rstd * (dxhat
+                 - dxhat.mean(axis=-1, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------------------
+# linear (GPT-2 calls it Conv1D; the weight is stored (in, out))
+
+def linear_forward(x, w, b):
+    """Inputs: x (...,in); w (in,out); b (out,). Returns: out (...,out), cache."""
+    out = x @ w + b                                   # (...,in) @ (in,out) -> (...,out)
+    return out, (x, w)
+
+
+def linear_backward(dout, cache, need_dw=True, need_db=True):
+    """Returns dx (...,in), dw (in,out), db (out,).
+
+    A frozen layer passes need_dw=need_db=False: the gradient still flows through to x, but the weight
+    gradient, a matmul as large as the forward one, is never computed. That is where parameter-efficient
+    fine-tuning saves its time.
+    """
+    x, w = cache
+    n_in, n_out = w.shape
+    dx = dout @ w.T                                   # (...,out) @ (out,in) -> (...,in)
+    dw = x.reshape(-1, n_in).T @ dout.reshape(-1, n_out) if need_dw else None   # (in,out)
+    db = dout.reshape(-1, n_out).sum(axis=0) if need_db else None               # (out,)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------------------
+# GELU, the tanh approximation GPT-2 was trained with
+
+GELU_SCALE = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x):
+    """out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). Inputs: x (...). Returns: out (...), cache."""
+    t = np.tanh(GELU_SCALE * (x + 0.044715 * x ** 3))
+    out = 0.5 * x * (1.0 + t)
+    return out, (x, t)
+
+
+def gelu_backward(dout, cache):
+    """Returns dx (...)."""
+    x, t = cache
+    # forward was: out = 0.5 x (1 + t), t = tanh(u), u = GELU_SCALE (x + 0.044715 x^3), so
+    # dout/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx
+    du_dx = GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
+    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx)
+
+
+# ----------------------------------------------------------------------------------------------------
+# causal self-attention
+
+def attention_forward(qkv, n_head, past_k=None, past_v=None):
+    """Multi-head causal self-attention on the output of the fused c_attn projection.
+
+    past_k, past_v are keys and values of positions that come before the T new tokens: the KV cache
+    during generation, or the learned prefix in prefix tuning (which is nothing else than a KV cache
+    that was trained). Every new token attends to all P past positions and causally to new tokens.
+
+    Inputs: qkv (B,T,3C); n_head NH; past_k, past_v (B,NH,P,hs) or None.
+    Returns: out (B,T,C), cache. cache[1], cache[2] are this call's keys and values (B,NH,P+T,hs),
+    the KV cache for the next call.
+    """
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // n_head
+    q, k, v = np.split(qkv, 3, axis=2)                           # (B,T,3C) -> 3 x (B,T,C)
+    q = q.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)        # (B,NH,T,hs)
+    k = k.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)        # (B,NH,T,hs)
+    v = v.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)        # (B,NH,T,hs)
+    P = 0
+    if past_k is not None:
+        P = past_k.shape[2]
+        k = np.concatenate([past_k, k], axis=2)                  # (B,NH,P+T,hs)
+        v = np.concatenate([past_v, v], axis=2)                  # (B,NH,P+T,hs)
+    scores = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))   # (B,NH,T,P+T)
+    # new token t sits at position P+t, so it may look at keys 0..P+t
+    visible = np.tri(T, P + T, k=P, dtype=bool)                 # (T,P+T)
+    scores = np.where(visible, scores, -np.inf)
+    scores -= scores.max(axis=-1, keepdims=True)                 # softmax, shifted for stability
+    att = np.exp(scores)
+    att /= att.sum(axis=-1, keepdims=True)                       # (B,NH,T,P+T), rows sum to 1
+    y = att @ v                                                  # (B,NH,T,P+T) @ (B,NH,P+T,hs) -> (B,NH,T,hs)
+    out = y.transpose(0, 2, 1, 3).reshape(B, T, C)               # re-assemble the heads, (B,T,C)
+    return out, (q, k, v, att, P)
+
+
+def attention_backward(dout, cache):
+    """Returns dqkv (B,T,3C), dpast_k, dpast_v (B,NH,P,hs) (None when there was no past)."""
+    q, k, v, att, P = cache
+    B, NH, T, hs = q.shape
+    C = NH * hs
+    dy = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)      # (B,T,C) -> (B,NH,T,hs)
+    # forward was: y = att @ v
+    datt = dy @ v.transpose(0, 1, 3, 2)                          # (B,NH,T,P+T)
+    dv = att.transpose(0, 1, 3, 2) @ dy                          # (B,NH,P+T,hs)
+    # forward was: att = softmax(scores); masked entries have att = 0 and so get no gradient
+    dscores = att * (datt - (datt * att).sum(axis=-1, keepdims=True))
+    dscores *= 1.0 / math.sqrt(hs)
+    # forward was: scores = q @ k^T / sqrt(hs)
+    dq = dscores @ k                                             # (B,NH,T,hs)
+    dk = dscores.transpose(0, 1, 3, 2) @ q                       # (B,NH,P+T,hs)
+    dpast_k = dpast_v = None
+    if P > 0:
+        dpast_k, dk = dk[:, :, :P], dk[:, :, P:]
+        dpast_v, dv = dv[:, :, :P], dv[:, :, P:]
+    heads = lambda d: d.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B,NH,T,hs) -> (B,T,C)
+    dqkv = np.concatenate([heads(dq), heads(dk), heads(dv)], axis=2)   # (B,T,3C)
+    return dqkv, dpast_k, dpast_v
+
+
+# ----------------------------------------------------------------------------------------------------
+# cross-entropy loss over the vocabulary, ignoring targets equal to IGNORE_INDEX
+
+def cross_entropy_forward(logits, targets):
+    """Mean negative log-likelihood of the targets.
+
+    Inputs: logits (N,V); targets (N,) ints in [0, V) or IGNORE_INDEX.
+    Returns: loss (a float, averaged over the counted targets), cache.
+    """
+    counted = targets != IGNORE_INDEX                            # (N,)
+    n = int(counted.sum())
+    if n == 0:
+        raise ValueError("every target is -100 (ignored), so there is nothing to predict; "
+                         "give at least one target token")
+    z = logits - logits.max(axis=-1, keepdims=True)              # (N,V)
+    probs = np.exp(z)
+    sumexp = probs.sum(axis=-1, keepdims=True)                   # (N,1)
+    probs /= sumexp
+    rows = np.flatnonzero(counted)
+    logp = z[rows, targets[rows]] - np.log(sumexp[rows, 0])     # log-prob of each counted target
+    loss = -logp.sum(dtype=np.float64) / n
+    return float(loss), (probs, targets, rows, n)
+
+
+def cross_entropy_backward(dloss, cache):
+    """Returns dlogits (N,V): (softmax - onehot) / n on counted rows, 0 elsewhere."""
+    probs, targets, rows, n = cache
+    dlogits = np.zeros_like(probs)
+    dlogits[rows] = probs[rows]
+    dlogits[rows, targets[rows]] -= 1.0
+    dlogits *= dloss / n
+    return dlogits
+
+
+# ----------------------------------------------------------------------------------------------------
+# fine-tuning layers
+
+def lora_forward(x, A, B, scale, keep=None):
+    """The LoRA update of a frozen linear layer: scale * (x @ A) @ B, added to x @ W + b by the caller.
+
+    A starts random and B at zero, so the update starts at exactly zero. `keep` is an optional dropout
+    mask (already divided by the keep probability) applied to the layer's input on the LoRA path only.
+    Inputs: x (...,in); A (in,r); B (r,out); scale (lora_alpha / r).
+    Returns: out (...,out), cache.
+    """
+    xd = x if keep is None else x * keep                         # (...,in)
+    h = xd @ A                                                   # (...,in) @ (in,r) -> (...,r)
+    out = (h @ B) * scale                                        # (...,r) @ (r,out) -> (...,out)
+    return out, (xd, h, A, B, scale, keep)
+
+
+def lora_backward(dout, cache):
+    """Returns dx (...,in), dA (in,r), dB (r,out). Every product here has r on one side: it is cheap."""
+    xd, h, A, B, scale, keep = cache
+    r, n_out = B.shape
+    dB = scale * (h.reshape(-1, r).T @ dout.reshape(-1, n_out))  # (r,out)
+    dh = (dout @ B.T) * scale                                    # (...,r)
+    dA = xd.reshape(-1, A.shape[0]).T @ dh.reshape(-1, r)        # (in,r)
+    dx = dh @ A.T                                                # (...,in)
+    if keep is not None:
+        dx = dx * keep
+    return dx, dA, dB
+
+
+def adapter_forward(x, w_down, b_down, w_up, b_up):
+    """A Houlsby adapter: a bottleneck with its own residual connection, x + up(gelu(down(x))).
+
+    With w_up and b_up at zero the adapter is exactly the identity, so training starts from the base model.
+    Inputs: x (...,C); w_down (C,m); b_down (m,); w_up (m,C); b_up (C,).
+    Returns: out (...,C), cache.
+    """
+    h, c_down = linear_forward(x, w_down, b_down)               # (...,C) -> (...,m)
+    a, c_gelu = gelu_forward(h)                                  # (...,m)
+    u, c_up = linear_forward(a, w_up, b_up)                      # (...,m) -> (...,C)
+    return x + u, (c_down, c_gelu, c_up)
+
+
+def adapter_backward(dout, cache):
+    """Returns dx (...,C), dw_down, db_down, dw_up, db_up."""
+    c_down, c_gelu, c_up = cache
+    da, dw_up, db_up = linear_backward(dout, c_up)
+    dh = gelu_backward(da, c_gelu)
+    dx, dw_down, db_down = linear_backward(dh, c_down)
+    return dout + dx, dw_down, db_down, dw_up, db_up             # the residual passes dout straight through
