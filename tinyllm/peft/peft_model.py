@@ -1,0 +1,379 @@
+"""
+PeftModel: a frozen GPT plus the small set of parameters one fine-tuning method trains.
+
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
+    pm.print_trainable_parameters()
+    logits, loss = pm.forward(idx, targets); grads = pm.backward()     # grads: the method's keys only
+
+The forward is tinyllm.model.gpt_forward on one dict: the base parameters and the active adapter's keys
+together. The backward is gpt_backward with `trainable` set to the adapter's keys, so the base weights
+get no gradient computed at all. One base model can carry several named adapters (one per task); one
+of them is active at a time.
+"""
+import contextlib
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from ..checkpoint import CheckpointError, atomic_open, load_checkpoint, save_checkpoint
+from ..model import generate, gpt_backward, gpt_forward
+from . import adapter as adapter_method
+from . import lora as lora_method
+from . import prefix as prefix_method
+from . import prompt as prompt_method
+from .config import (AdapterConfig, FullFineTuningConfig, LoraConfig, PeftConfig, PrefixTuningConfig,
+                     PromptTuningConfig)
+
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.npz"
+METHODS = {LoraConfig: lora_method, PrefixTuningConfig: prefix_method, PromptTuningConfig: prompt_method,
+           AdapterConfig: adapter_method}
+
+
+def base_fingerprint(model):
+    """A short hash of the base model's config and weights (as float32), stored with every adapter, so
+    an adapter is never silently loaded onto a base it was not trained on."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, value in model.params.items():
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(value, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def full_trainable_names(config, model):
+    """Full fine-tuning's trainable keys: all, or the last k blocks and the final layer norm."""
+    if config.last_k_blocks is None:
+        return list(model.params)
+    L = model.config.n_layer
+    if config.last_k_blocks > L:
+        raise ValueError(f"FullFineTuningConfig.last_k_blocks = {config.last_k_blocks} but the model has {L} blocks")
+    blocks = tuple(f"h.{i}." for i in range(L - config.last_k_blocks, L))
+    return [k for k in model.params if k.startswith(blocks) or k.startswith("ln_f.")]
+
+
+def reserved_positions(config):
+    """Context positions a method takes before the real tokens."""
+    return config.num_virtual_tokens if isinstance(config, (PrefixTuningConfig, PromptTuningConfig)) else 0
+
+
+class PeftModel:
+    """A base GPT with named adapters. Create it with get_peft_model or PeftModel.from_pretrained."""
+
+    def __init__(self, model, peft_config, adapter_name="default", tokenizer=None, seed=0):
+        self.base_model = model
+        self.peft_config = {}                 # adapter name -> config
+        self.adapters = {}                    # adapter name -> {key: array}
+        self.active_adapter = None
+        self.training = True                  # LoRA dropout is on only while training, as in torch
+        self._disabled = False
+        self._merged = set()                  # LoRA adapters currently folded into the base weights
+        self._cache = None
+        self._rng = np.random.default_rng(seed)
+        self._tokenizer = tokenizer
+        self._base_trainable = set(model.trainable)
+        self.fingerprint = base_fingerprint(model)
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    # ---- adapters ------------------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name, peft_config):
+        """Create a new adapter with freshly initialised parameters (it does not become active)."""
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(f"expected a LoraConfig, PrefixTuningConfig, PromptTuningConfig, AdapterConfig or "
+                            f"FullFineTuningConfig, got {type(peft_config).__name__}")
+        if adapter_name in self.adapters:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another name")
+        mc = self.base_model.config
+        room = reserved_positions(peft_config)
+        if room >= mc.block_size:
+            raise ValueError(f"{type(peft_config).__name__}.num_virtual_tokens = {room} leaves no room in the "
+                             f"context (block_size {mc.block_size}); use fewer than {mc.block_size} virtual tokens")
+        if isinstance(peft_config, FullFineTuningConfig):
+            full_trainable_names(peft_config, self.base_model)   # validates last_k_blocks
+            params = {}
+        else:
+            tokenizer = self._tokenizer
+            if tokenizer is None:
+                from ..tokenizer import default_tokenizer
+                tokenizer = default_tokenizer()
+            init = {LoraConfig: lambda c, m, rng, tok: lora_method.init_lora(c, m.config, rng, m.dtype),
+                    PrefixTuningConfig: prefix_method.init_prefix, PromptTuningConfig: prompt_method.init_prompt,
+                    AdapterConfig: adapter_method.init_adapters}[type(peft_config)]
+            params = init(peft_config, self.base_model, self._rng, tokenizer)
+        self.peft_config[adapter_name] = peft_config
+        self.adapters[adapter_name] = params
+
+    def set_adapter(self, adapter_name):
+        """Make adapter_name the one used by forward, backward and generate, and the one that trains."""
+        if adapter_name not in self.adapters:
+            raise ValueError(f"no adapter named {adapter_name!r}; this model has {list(self.adapters)}")
+        if self._merged - {adapter_name}:
+            raise RuntimeError(f"adapter(s) {sorted(self._merged)} are merged into the base weights; "
+                               f"unmerge_adapter() first")
+        self.active_adapter = adapter_name
+        base = self.base_model
+        base.trainable = set(full_trainable_names(self.config, base)) if self.is_full else set()
+
+    def delete_adapter(self, adapter_name):
+        if adapter_name == self.active_adapter:
+            raise ValueError(f"{adapter_name!r} is the active adapter; set_adapter() to another one first")
+        del self.adapters[adapter_name], self.peft_config[adapter_name]
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside this block the model is the plain base model."""
+        if self._merged:
+            raise RuntimeError("the adapter is merged into the base weights; unmerge_adapter() first")
+        self._disabled = True
+        try:
+            yield self
+        finally:
+            self._disabled = False
+
+    @property
+    def config(self):
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def is_full(self):
+        return isinstance(self.config, FullFineTuningConfig)
+
+    def train(self):
+        self.training = True
+        return self
+
+    def eval(self):
+        self.training = False
+        return self
+
+    # ---- which numbers train -------------------------------------------------------------------------
+
+    def trainable_parameters(self):
+        """{name: live array} that an optimizer updates: the active adapter's (plus base biases for
+        LoraConfig(bias='all'|'lora_only')), or the base weights for full fine-tuning."""
+        if self.config.inference_mode:
+            return {}
+        base = self.base_model.params
+        if self.is_full:
+            return {k: base[k] for k in full_trainable_names(self.config, self.base_model)}
+        params = dict(self.adapters[self.active_adapter])
+        if isinstance(self.config, LoraConfig):
+            params.update({k: base[k] for k in lora_method.bias_names(self.config, params, base)})
+        return params
+
+    def get_nb_trainable_parameters(self):
+        """(trainable, all): all counts the base and every adapter, as PEFT counts all modules."""
+        trainable = sum(v.size for v in self.trainable_parameters().values())
+        total = self.base_model.num_parameters() + sum(v.size for a in self.adapters.values() for v in a.values())
+        return trainable, total
+
+    def print_trainable_parameters(self):
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def formula(self):
+        """How the number of trainable parameters comes about, as arithmetic a learner can redo."""
+        mc = self.base_model.config
+        if self.is_full:
+            n = sum(v.size for v in self.trainable_parameters().values())
+            return f"full fine-tuning: every weight of the chosen blocks = {n:,}"
+        return METHODS[type(self.config)].formula(self.config, mc)
+
+    # ---- forward, backward, generate -----------------------------------------------------------------
+
+    def _params(self):
+        """The one dict the model runs on: the base parameters and the active adapter's keys. With
+        prefix_projection the prefixes are first computed by the MLP."""
+        p = dict(self.base_model.params)
+        if self._disabled or self.is_full:
+            return p, None
+        adapter = self.adapters[self.active_adapter]
+        if self.active_adapter in self._merged:   # the LoRA update is in W already
+            return p, None
+        p.update(adapter)
+        mlp_cache = None
+        if prefix_method.ENCODER + "embedding.weight" in adapter:
+            prefixes, mlp_cache = prefix_method.prefix_mlp_forward(adapter, self.base_model.config.n_layer)
+            p.update(prefixes)
+        return p, mlp_cache
+
+    def _lora_options(self, training):
+        cfg = self.config
+        if not isinstance(cfg, LoraConfig):
+            return None
+        return {"scale": cfg.scale, "dropout": cfg.lora_dropout, "rng": self._rng if training else None}
+
+    def forward(self, idx, targets=None):
+        """idx, targets (B,T) ints, targets -100 ignored. Returns logits (B,T,V) of the real tokens, loss."""
+        p, mlp_cache = self._params()
+        logits, loss, cache = gpt_forward(p, idx, self.base_model.config, targets,
+                                          lora=self._lora_options(self.training))
+        self._cache = (cache, mlp_cache)
+        return logits, loss
+
+    __call__ = forward
+
+    def backward(self):
+        """{name: gradient} for exactly the keys of trainable_parameters()."""
+        if self._cache is None:
+            raise RuntimeError("backward() needs a forward pass with targets first: call forward(idx, targets)")
+        if self._disabled or self.active_adapter in self._merged:
+            raise RuntimeError("the adapter is disabled or merged, so it has nothing to train")
+        cache, mlp_cache = self._cache
+        names = set(self.trainable_parameters())
+        if mlp_cache is not None:   # the prefixes are outputs of the MLP: get their gradients first
+            names |= set(prefix_method.prefix_keys(self.base_model.config.n_layer))
+        grads = gpt_backward(cache, names)
+        if mlp_cache is not None:
+            n_layer = self.base_model.config.n_layer
+            dprefixes = {k: grads.pop(k) for k in prefix_method.prefix_keys(n_layer)}
+            grads.update(prefix_method.prefix_mlp_backward(dprefixes, mlp_cache, n_layer))
+        return grads
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
+        """As GPT.generate. For prefix tuning the prefix is the KV cache the first token already finds."""
+        p, _ = self._params()
+        lora = self._lora_options(False)
+
+        def forward(tokens, past):
+            logits, _, cache = gpt_forward(p, tokens, self.base_model.config, past=past, lora=lora)
+            return logits, cache["present"]
+        reserved = 0 if self._disabled else reserved_positions(self.config)
+        return generate(forward, idx, max_new_tokens, self.base_model.config.block_size,
+                        temperature, top_k, seed, reserved=reserved)
+
+    # ---- state, merging ------------------------------------------------------------------------------
+
+    def state_dict(self):
+        """Copies of the base parameters and the active adapter's keys."""
+        return {**self.base_model.state_dict(), **{k: v.copy() for k, v in self.adapters[self.active_adapter].items()}}
+
+    def load_state_dict(self, state):
+        adapter = self.adapters[self.active_adapter]
+        self.base_model.load_state_dict({k: v for k, v in state.items() if k not in adapter})
+        missing = [k for k in adapter if k not in state]
+        if missing:
+            raise ValueError(f"state dict lacks the adapter keys {missing[:5]}")
+        for k in adapter:
+            if np.shape(state[k]) != adapter[k].shape:
+                raise ValueError(f"{k} has shape {np.shape(state[k])} in the state dict but {adapter[k].shape} here")
+            adapter[k][...] = state[k]
+
+    def _lora_only(self, what):
+        if not isinstance(self.config, LoraConfig):
+            raise ValueError(f"{what} applies to LoRA adapters; the active adapter is {type(self.config).__name__}")
+
+    def merge_adapter(self):
+        """Fold the active LoRA into the base weights, W <- W + scale * A @ B: no extra cost at inference."""
+        self._lora_only("merge_adapter")
+        if self.active_adapter not in self._merged:
+            lora_method.merge(self.base_model.params, self.adapters[self.active_adapter], self.config.scale)
+            self._merged.add(self.active_adapter)
+
+    def unmerge_adapter(self):
+        """Undo merge_adapter (exact up to float rounding)."""
+        self._lora_only("unmerge_adapter")
+        if self.active_adapter in self._merged:
+            lora_method.merge(self.base_model.params, self.adapters[self.active_adapter], self.config.scale, -1.0)
+            self._merged.discard(self.active_adapter)
+
+    def merge_and_unload(self):
+        """Merge the active LoRA into the base weights and return the base GPT (changed in place, as in PEFT)."""
+        self.merge_adapter()
+        self.base_model.trainable = set(self._base_trainable)
+        return self.base_model
+
+    # ---- saving and loading --------------------------------------------------------------------------
+
+    def _adapter_to_save(self, adapter_name):
+        cfg, adapter = self.peft_config[adapter_name], self.adapters[adapter_name]
+        base = self.base_model.params
+        if isinstance(cfg, FullFineTuningConfig):      # a full copy of the model: the cost of full fine-tuning
+            return {k: base[k] for k in full_trainable_names(cfg, self.base_model)}
+        if prefix_method.ENCODER + "embedding.weight" in adapter:   # only the prefixes are needed later
+            prefixes, _ = prefix_method.prefix_mlp_forward(adapter, self.base_model.config.n_layer)
+            return prefixes
+        out = dict(adapter)
+        if isinstance(cfg, LoraConfig):
+            out.update({k: base[k] for k in lora_method.bias_names(cfg, adapter, base)})
+        return out
+
+    def save_pretrained(self, save_directory):
+        """Write each adapter as adapter_config.json + adapter_model.npz: 'default' in save_directory,
+        others in save_directory/<name>/. Only the method's keys are written, not the base model."""
+        for name in self.adapters:
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(folder, exist_ok=True)
+            meta = {**self.peft_config[name].to_dict(), "base_fingerprint": self.fingerprint,
+                    "base_config": self.base_model.config.to_dict(), "format": "tinyllm-adapter-1"}
+            meta["inference_mode"] = False
+            save_checkpoint(os.path.join(folder, WEIGHTS_NAME), self._adapter_to_save(name), {"adapter": meta})
+            with atomic_open(os.path.join(folder, CONFIG_NAME)) as f:
+                f.write(json.dumps(meta, indent=2).encode())
+
+    @classmethod
+    def from_pretrained(cls, model, model_id, adapter_name="default", is_trainable=False, tokenizer=None):
+        """Load an adapter saved by save_pretrained onto `model`, the base it was trained on. As in PEFT,
+        it is loaded for inference (nothing trains) unless is_trainable=True."""
+        config, arrays = read_adapter(model, model_id, is_trainable)
+        pm = cls.__new__(cls)
+        cls.__init__(pm, model, config, adapter_name, tokenizer)
+        pm._install(adapter_name, arrays)
+        return pm
+
+    def load_adapter(self, model_id, adapter_name, is_trainable=False):
+        """Load another saved adapter onto the same base, under a new name (then set_adapter to use it)."""
+        config, arrays = read_adapter(self.base_model, model_id, is_trainable, self.fingerprint)
+        self.add_adapter(adapter_name, config)
+        self._install(adapter_name, arrays)
+
+    def _install(self, adapter_name, arrays):
+        """Put loaded arrays in place of the freshly initialised ones, after checking they fit."""
+        cfg, base = self.peft_config[adapter_name], self.base_model.params
+        if isinstance(cfg, FullFineTuningConfig):
+            self.base_model.load_state_dict({**base, **arrays})
+            return
+        expected = set(self.adapters[adapter_name])
+        if isinstance(cfg, PrefixTuningConfig) and cfg.prefix_projection:   # saved as the prefixes alone
+            expected = set(prefix_method.prefix_keys(self.base_model.config.n_layer))
+        found = {k for k in arrays if k not in base}
+        if found != expected:
+            raise CheckpointError(f"the adapter file holds keys {sorted(found)[:4]}... but its config describes "
+                                  f"{sorted(expected)[:4]}...; the file and its adapter_config.json do not belong together")
+        self.adapters[adapter_name] = {k: np.array(arrays[k], dtype=self.base_model.dtype) for k in sorted(found)}
+        for k in arrays.keys() - found:   # base biases trained with LoraConfig(bias='all'|'lora_only')
+            base[k][...] = arrays[k]
+
+
+def read_adapter(model, model_id, is_trainable, fingerprint=None):
+    """Read and check a saved adapter. Raises CheckpointError (a ValueError) with what went wrong."""
+    cfg_path, weights_path = os.path.join(model_id, CONFIG_NAME), os.path.join(model_id, WEIGHTS_NAME)
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"no {CONFIG_NAME} in {model_id!r}: is this a folder written by save_pretrained()?")
+    try:
+        with open(cfg_path) as f:
+            meta = json.load(f)
+        base_config = meta.pop("base_config")
+        saved_fp = meta.pop("base_fingerprint")
+        meta.pop("format", None)
+        config = PeftConfig.from_dict(meta)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path} is not a valid adapter config ({e})") from None
+    if base_config != model.config.to_dict():
+        raise CheckpointError(f"adapter in {model_id!r} was trained on a base with config {base_config}, but this "
+                              f"model has {model.config.to_dict()}; load it onto the base it was trained on")
+    current = fingerprint or base_fingerprint(model)
+    if not isinstance(config, FullFineTuningConfig) and saved_fp != current:
+        raise CheckpointError(f"adapter in {model_id!r} was trained on different base weights (fingerprint "
+                              f"{saved_fp}, this base {current}); load the base checkpoint it was trained from")
+    config.inference_mode = not is_trainable
+    arrays, _ = load_checkpoint(weights_path)
+    return config, arrays
+
+
+def get_peft_model(model, peft_config, adapter_name="default", tokenizer=None, seed=0):
+    """Wrap a GPT for fine-tuning with the method peft_config describes. The base weights are frozen
+    (except for full fine-tuning); only the method's parameters train."""
+    return PeftModel(model, peft_config, adapter_name, tokenizer=tokenizer, seed=seed)
