@@ -110,7 +110,7 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)
 
 def gelu_forward(x):
     """out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). Inputs: x (...). Returns: out (...), cache."""
-    t = np.tanh(GELU_SCALE * (x + 0.044715 * x ** 3))
+    t = np.tanh(GELU_SCALE * (x + 0.044715 * (x * x * x)))   # x*x*x: np.power is ~100x slower on float32
     out = 0.5 * x * (1.0 + t)
     return out, (x, t)
 

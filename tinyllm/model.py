@@ -138,8 +138,7 @@ def projection_backward(dout, cache, trainable, grads):
     for key, cols, c in lora_caches:
         dx_lora, dA, dB = lora_backward(dout[..., cols], c)
         dx += dx_lora                                  # x feeds both the frozen W and the LoRA path
-        if key + ".lora_A" in trainable:
-            grads[key + ".lora_A"], grads[key + ".lora_B"] = dA, dB
+        keep_trainable(grads, trainable, {key + ".lora_A": dA, key + ".lora_B": dB})
     return dx
 
 
@@ -157,17 +156,21 @@ def maybe_adapter_backward(dout, cache, trainable, grads):
         return dout
     name, c = cache
     dx, dwd, dbd, dwu, dbu = adapter_backward(dout, c)
-    if name + ".down.weight" in trainable:
-        grads.update({name + ".down.weight": dwd, name + ".down.bias": dbd,
-                      name + ".up.weight": dwu, name + ".up.bias": dbu})
+    keep_trainable(grads, trainable, {name + ".down.weight": dwd, name + ".down.bias": dbd,
+                                      name + ".up.weight": dwu, name + ".up.bias": dbu})
     return dx
 
 
 def layernorm_params_backward(dout, cache, name, trainable, grads):
-    dx, dw, db = layernorm_backward(dout, cache, need_dparams=name + ".weight" in trainable)
-    if dw is not None:
-        grads[name + ".weight"], grads[name + ".bias"] = dw, db
+    w, b = name + ".weight", name + ".bias"
+    dx, dw, db = layernorm_backward(dout, cache, need_dparams=w in trainable or b in trainable)
+    keep_trainable(grads, trainable, {w: dw, b: db})
     return dx
+
+
+def keep_trainable(grads, trainable, new):
+    """Add to grads those of the new gradients whose parameter is trainable."""
+    grads.update({k: g for k, g in new.items() if k in trainable})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,8 +287,13 @@ def gpt_forward(p, idx, config, targets=None, past=None, lora=None):
         targets = np.asarray(targets)
         if targets.shape != idx.shape:
             raise ValueError(f"targets has shape {targets.shape} but idx has shape {idx.shape}; they must match")
-        if not np.all((targets == IGNORE_INDEX) | ((targets >= 0) & (targets < config.vocab_size))):
-            raise ValueError(f"targets must be token ids in [0, {config.vocab_size}) or {IGNORE_INDEX} (ignored)")
+        if not np.issubdtype(targets.dtype, np.integer):
+            raise ValueError(f"targets must be integer token ids, got dtype {targets.dtype}")
+        bad = np.argwhere((targets != IGNORE_INDEX) & ((targets < 0) | (targets >= config.vocab_size)))
+        if len(bad):
+            b, t = bad[0]
+            raise ValueError(f"targets[{b}, {t}] = {targets[b, t]} is not a token id: targets must lie in "
+                             f"[0, {config.vocab_size}) or be {IGNORE_INDEX} (ignored)")
         loss, c_loss = cross_entropy_forward(logits.reshape(B * T, -1), targets.reshape(-1))
     cache = dict(config=config, p=p, x=x, n_prompt=n_prompt, first_call=first_call, c_wte=c_wte,
                  blocks=blocks, c_lnf=c_lnf, c_loss=c_loss,
@@ -441,9 +449,9 @@ class GPT:
                              f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
                              f"{'...' if len(unexpected) > 5 else ''}; was it saved from a model with "
                              f"another config ({self.config})?")
-        for k, v in state.items():
-            v = np.asarray(v)
-            if v.shape != self.params[k].shape:
-                raise ValueError(f"{k} has shape {v.shape} in the state dict but {self.params[k].shape} "
+        for k, v in state.items():   # check everything before changing anything
+            if np.shape(v) != self.params[k].shape:
+                raise ValueError(f"{k} has shape {np.shape(v)} in the state dict but {self.params[k].shape} "
                                  f"in this model; the config differs ({self.config})")
+        for k, v in state.items():
             self.params[k][...] = v

@@ -1,0 +1,271 @@
+"""
+`python -m tinyllm bench`: how fast tinyllm trains and generates, and how close it runs to the machine.
+
+Everything is measured in this one run, so ratios compare like with like on a shared, noisy machine:
+medians of several repeats, after a warm-up.
+
+  peak      float32 GFLOP/s of one large np.matmul: the ceiling for everything else
+  model     forward+backward tokens/s and achieved GFLOP/s on the "lesson" and "wide" configs
+            (and PyTorch eager on the same model, when torch happens to be installed)
+  layers    where a step's time goes, per layer, forward and backward
+  methods   each fine-tuning method's training-step time as a ratio to a full fine-tuning step,
+            and its peak memory next to the count of weights, gradients, AdamW state and activations
+  generate  tokens/s with and without the KV cache
+"""
+import time
+import tracemalloc
+
+import numpy as np
+
+from . import model as model_module
+from .model import GPT, GPTConfig, gpt_forward
+from .optim import AdamW
+
+CONFIGS = {  # name: (config, batch size)
+    "lesson": (GPTConfig(vocab_size=64, block_size=128, n_layer=4, n_head=4, n_embd=128), 16),
+    "wide": (GPTConfig(vocab_size=256, block_size=256, n_layer=6, n_head=8, n_embd=256), 8),
+}
+
+
+def median_time(fn, repeats=5, warmup=1):
+    """Median wall-clock seconds of fn() over repeats, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def matmul_peak(n=2048, repeats=5):
+    """float32 GFLOP/s of an n x n x n matmul (2 n^3 flops)."""
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    return 2 * n ** 3 / median_time(lambda: a @ a, repeats) / 1e9
+
+
+def train_flops(config, B, T):
+    """Matmul flops of one forward+backward (backward = 2x forward): the linears, attention's two
+    batched matmuls (the full T x T, as computed), and the tied head."""
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    linear = 2 * B * T * (C * 3 * C + C * C + C * 4 * C + 4 * C * C) * L
+    attention = 2 * 2 * B * T * T * C * L
+    head = 2 * B * T * C * V
+    return 3 * (linear + attention + head)
+
+
+def random_batch(config, B, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (B, config.block_size)
+    return rng.integers(0, config.vocab_size, shape), rng.integers(0, config.vocab_size, shape)
+
+
+def bench_model(config, B, repeats=5):
+    """Forward+backward of the full model in float32: seconds per step, tokens/s, GFLOP/s."""
+    model = GPT(config, seed=0)
+    x, y = random_batch(config, B)
+
+    def step():
+        model.forward(x, y)
+        model.backward()
+    s = median_time(step, repeats)
+    return {"seconds": s, "tokens_per_s": B * config.block_size / s,
+            "gflops": train_flops(config, B, config.block_size) / s / 1e9}
+
+
+def bench_torch(config, B, repeats=5):
+    """The same model in PyTorch eager (float32, same threads), if torch is installed; else None."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    params = {k: torch.tensor(v, requires_grad=True) for k, v in GPT(config, seed=0).params.items()}
+    C, NH = config.n_embd, config.n_head
+    x, y = (torch.tensor(a) for a in random_batch(config, B))
+
+    def forward():
+        T = x.shape[1]
+        h = params["wte.weight"][x] + params["wpe.weight"][:T]
+        for i in range(config.n_layer):
+            p = lambda n: params[f"h.{i}.{n}"]
+            a = F.layer_norm(h, (C,), p("ln_1.weight"), p("ln_1.bias"), 1e-5)
+            q, k, v = (a @ p("attn.c_attn.weight") + p("attn.c_attn.bias")).split(C, dim=2)
+            q, k, v = (t.view(B, T, NH, C // NH).transpose(1, 2) for t in (q, k, v))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+            h = h + a @ p("attn.c_proj.weight") + p("attn.c_proj.bias")
+            m = F.layer_norm(h, (C,), p("ln_2.weight"), p("ln_2.bias"), 1e-5)
+            m = F.gelu(m @ p("mlp.c_fc.weight") + p("mlp.c_fc.bias"), approximate="tanh")
+            h = h + m @ p("mlp.c_proj.weight") + p("mlp.c_proj.bias")
+        h = F.layer_norm(h, (C,), params["ln_f.weight"], params["ln_f.bias"], 1e-5)
+        return F.cross_entropy((h @ params["wte.weight"].T).view(-1, config.vocab_size), y.view(-1))
+
+    def step():
+        for p in params.values():
+            p.grad = None
+        forward().backward()
+    s = median_time(step, repeats)
+    return {"seconds": s, "tokens_per_s": B * config.block_size / s, "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# where the time goes: wrap each layer function that tinyllm.model calls with a timer
+
+LAYER_FUNCS = ["embedding", "layernorm", "linear", "gelu", "attention", "cross_entropy", "lora", "adapter"]
+
+
+def profile_layers(config, B, repeats=3):
+    """Seconds per step spent in each layer's forward and backward (summed over the blocks)."""
+    totals = {}
+    originals = {}
+    for name in LAYER_FUNCS:
+        for half in ("forward", "backward"):
+            fname = f"{name}_{half}"
+            fn = getattr(model_module, fname)
+            originals[fname] = fn
+
+            def timed(*args, _fn=fn, _key=(name, half), **kw):
+                t0 = time.perf_counter()
+                out = _fn(*args, **kw)
+                totals[_key] = totals.get(_key, 0.0) + time.perf_counter() - t0
+                return out
+            setattr(model_module, fname, timed)
+    try:
+        model = GPT(config, seed=0)
+        x, y = random_batch(config, B)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            model.forward(x, y)
+            model.backward()
+        total = (time.perf_counter() - t0) / repeats
+    finally:
+        for fname, fn in originals.items():
+            setattr(model_module, fname, fn)
+    rows = [(name, totals.get((name, "forward"), 0) / repeats, totals.get((name, "backward"), 0) / repeats)
+            for name in LAYER_FUNCS if (name, "forward") in totals]
+    return rows, total
+
+
+# ----------------------------------------------------------------------------------------------------
+# the fine-tuning methods side by side
+
+def method_configs():
+    from .peft import (AdapterConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig,
+                       PromptTuningConfig)
+    return {"full": FullFineTuningConfig(), "lora": LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]),
+            "prefix": PrefixTuningConfig(num_virtual_tokens=10), "prompt": PromptTuningConfig(num_virtual_tokens=10),
+            "adapter": AdapterConfig(bottleneck_size=16)}
+
+
+def nbytes_unique(obj, seen=None):
+    """Bytes of every distinct array reachable from a cache (tuples, lists, dicts), views counted once."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, np.ndarray):
+        base = obj if obj.base is None else obj.base
+        if id(base) in seen or not isinstance(base, np.ndarray):
+            return 0
+        seen.add(id(base))
+        return base.nbytes
+    if isinstance(obj, dict):
+        return sum(nbytes_unique(v, seen) for k, v in obj.items() if k != "p")   # "p" holds the weights
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes_unique(v, seen) for v in obj)
+    return 0
+
+
+def bench_methods(config, B, repeats=5):
+    """Per method: step seconds (forward+backward+AdamW), ratio to full, trainable params, and memory."""
+    from .peft import get_peft_model
+    x, y = random_batch(config, B)
+    rows = {}
+    for name, cfg in method_configs().items():
+        base = GPT(config, seed=0)
+        pm = get_peft_model(base, cfg)
+        T = config.block_size - getattr(cfg, "num_virtual_tokens", 0)   # leave room for virtual tokens
+        xb, yb = x[:, :T], y[:, :T]
+        opt = AdamW(pm.trainable_parameters(), lr=1e-4)
+
+        def step():
+            pm.forward(xb, yb)
+            opt.step(pm.backward())
+        seconds = median_time(step, repeats)
+        tracemalloc.start()
+        step()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        pm.forward(xb, yb)
+        trainable = sum(v.size for v in pm.trainable_parameters().values())
+        itemsize = base.dtype.itemsize
+        rows[name] = {"seconds": seconds, "tokens_per_s": B * T / seconds, "trainable": trainable,
+                      "weights_bytes": pm.get_nb_trainable_parameters()[1] * itemsize,
+                      "grad_bytes": trainable * itemsize, "adam_bytes": opt.state_bytes(),
+                      "activation_bytes": nbytes_unique(pm._cache[0]), "peak_step_bytes": peak}
+    for r in rows.values():
+        r["ratio_to_full"] = r["seconds"] / rows["full"]["seconds"]
+    return rows
+
+
+def bench_generate(config, n_new=64, B=1, repeats=3):
+    """Greedy generation tokens/s with the KV cache (GPT.generate) and without (a full recompute each step)."""
+    model = GPT(config, seed=0)
+    prompt = random_batch(config, B)[0][:, :16]
+
+    def no_cache():
+        out = prompt
+        for _ in range(n_new):
+            logits, _, _ = gpt_forward(model.params, out[:, -config.block_size:], config)
+            out = np.concatenate([out, logits[:, -1].argmax(-1)[:, None]], axis=1)
+        return out
+    with_cache = median_time(lambda: model.generate(prompt, n_new, temperature=0), repeats)
+    without = median_time(no_cache, repeats)
+    return {"kv_cache_tokens_per_s": B * n_new / with_cache, "no_cache_tokens_per_s": B * n_new / without,
+            "speedup": without / with_cache}
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def mib(n):
+    return f"{n / 2 ** 20:8.2f}"
+
+
+def run(configs=("lesson", "wide"), repeats=5, torch_ref=True, out=print):
+    """Run every benchmark, print the tables, and return the figures as a dict."""
+    results = {"peak_gflops": matmul_peak(repeats=repeats)}
+    out(f"float32 matmul peak (2048^3 np.matmul): {results['peak_gflops']:.1f} GFLOP/s  (medians of {repeats} runs)")
+    out("\nforward+backward, float32")
+    out(f"{'config':8} {'tokens/s':>10} {'GFLOP/s':>8} {'% peak':>7} {'torch tok/s':>12} {'tinyllm/torch':>14}")
+    for name in configs:
+        config, B = CONFIGS[name]
+        r = bench_model(config, B, repeats)
+        t = bench_torch(config, B, repeats) if torch_ref else None
+        r["torch_tokens_per_s"] = None if t is None else t["tokens_per_s"]
+        results[name] = r
+        torch_cols = (f"{t['tokens_per_s']:12.0f} {r['tokens_per_s'] / t['tokens_per_s']:14.2f}" if t
+                      else f"{'(no torch)':>12} {'':>14}")
+        out(f"{name:8} {r['tokens_per_s']:10.0f} {r['gflops']:8.1f} {100 * r['gflops'] / results['peak_gflops']:6.1f}% {torch_cols}")
+
+    config, B = CONFIGS[configs[0]]
+    rows, total = profile_layers(config, B)
+    results["layers"] = {name: {"forward": f, "backward": b} for name, f, b in rows}
+    out(f"\nwhere a step's time goes ({configs[0]} config, {1000 * total:.1f} ms per step)")
+    out(f"{'layer':14} {'forward ms':>10} {'backward ms':>11} {'share':>6}")
+    for name, f, b in sorted(rows, key=lambda r: -(r[1] + r[2])):
+        out(f"{name:14} {1000 * f:10.1f} {1000 * b:11.1f} {100 * (f + b) / total:5.1f}%")
+
+    methods = bench_methods(config, B, repeats)
+    results["methods"] = methods
+    out(f"\ntraining step per method ({configs[0]} config, batch {B}; prefix/prompt use 10 of the positions)")
+    out(f"{'method':8} {'ms/step':>8} {'x full':>7} {'trainable':>10} {'weights MiB':>11} {'grads MiB':>9} "
+        f"{'AdamW MiB':>9} {'activ. MiB':>10} {'peak MiB':>8}")
+    for name, r in methods.items():
+        out(f"{name:8} {1000 * r['seconds']:8.1f} {r['ratio_to_full']:7.2f} {r['trainable']:10,d} "
+            f"{mib(r['weights_bytes']):>11} {mib(r['grad_bytes']):>9} {mib(r['adam_bytes']):>9} "
+            f"{mib(r['activation_bytes']):>10} {mib(r['peak_step_bytes']):>8}")
+
+    g = bench_generate(config)
+    results["generate"] = g
+    out(f"\ngreedy generation, 64 new tokens: {g['kv_cache_tokens_per_s']:.0f} tokens/s with the KV cache, "
+        f"{g['no_cache_tokens_per_s']:.0f} without ({g['speedup']:.1f}x)")
+    return results
