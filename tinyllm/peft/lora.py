@@ -121,4 +121,13 @@ def formula(config, model_config):
         kinds.setdefault(n.split(".", 2)[2], []).append(n)
     parts = [f"{config.r}*({shapes[ns[0]][0]}+{shapes[ns[0]][1]}) x {len(ns)} {k}" for k, ns in kinds.items()]
     total = sum(config.r * sum(shapes[n]) for n in targets)
-    return f"LoRA r*(in+out) per module: " + " + ".join(parts) + f" = {total:,}"
+    C, L = model_config.n_embd, model_config.n_layer
+    if config.bias == "all":            # per block: ln_1, c_attn (3C), attn.c_proj, ln_2, c_fc (4C), mlp.c_proj; and ln_f
+        parts.append(f"biases 11*C*L + C = {11 * C * L + C}")
+        total += 11 * C * L + C
+    elif config.bias == "lora_only":    # the targeted linears' own biases (a sliced c_attn has one bias)
+        modules = {n[:-2] if n[-2:] in (".q", ".k", ".v") else n for n in targets}
+        n_bias = sum(shapes[m][1] for m in modules)
+        parts.append(f"their biases {n_bias}")
+        total += n_bias
+    return "LoRA r*(in+out) per module: " + " + ".join(parts) + f" = {total:,}"

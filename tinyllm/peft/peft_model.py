@@ -326,6 +326,9 @@ class PeftModel:
     def load_adapter(self, model_id, adapter_name, is_trainable=False):
         """Load another saved adapter onto the same base, under a new name (then set_adapter to use it)."""
         config, arrays = read_adapter(self.base_model, model_id, is_trainable, self.fingerprint)
+        if isinstance(config, FullFineTuningConfig):
+            raise ValueError(f"{model_id!r} holds a full fine-tuning, a whole copy of the model, which would overwrite "
+                             f"the base the other adapters share; load it with PeftModel.from_pretrained(fresh_base, path)")
         self.add_adapter(adapter_name, config)
         self._install(adapter_name, arrays)
 
@@ -342,6 +345,13 @@ class PeftModel:
         if found != expected:
             raise CheckpointError(f"the adapter file holds keys {sorted(found)[:4]}... but its config describes "
                                   f"{sorted(expected)[:4]}...; the file and its adapter_config.json do not belong together")
+        C = self.base_model.config.n_embd
+        for k in arrays:
+            want = base[k].shape if k in base else (cfg.num_virtual_tokens, C) if k not in self.adapters[adapter_name] \
+                else self.adapters[adapter_name][k].shape
+            if arrays[k].shape != want:
+                raise CheckpointError(f"{k} has shape {arrays[k].shape} in the adapter file but its config needs {want}; "
+                                      f"the file and its adapter_config.json do not belong together")
         self.adapters[adapter_name] = {k: np.array(arrays[k], dtype=self.base_model.dtype) for k in sorted(found)}
         for k in arrays.keys() - found:   # base biases trained with LoraConfig(bias='all'|'lora_only')
             base[k][...] = arrays[k]
