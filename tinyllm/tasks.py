@@ -1,0 +1,335 @@
+"""Fine-tuning tasks built on the world of data.py, and how to encode, batch and evaluate them.
+
+Every example is a (prompt, answer) pair of strings. Fine-tuning trains on prompt + answer with the loss on
+the answer tokens only (targets are -100 everywhere else), as instruction tuning does. Every answer ends in
+"\\n", so greedy decoding knows where to stop.
+
+- record:   change the format of the output.
+            "fact: kim is 31 and lives in rome.\\nrecord:" -> " name=kim|city=rome|age=31\\n"
+            Invented people, so that training on it never contradicts what pretraining taught.
+- qa:       answer from pretraining knowledge. "q: where does mia live?\\na:" -> " oslo\\n"
+            Split by people: the test people's facts are in the corpus but in no fine-tuning example.
+- classify: true or false, beyond generation. "statement: mia lives in oslo.\\ntrue or false?" -> " true\\n"
+            Scored like a classifier head: the logits of the label tokens at one position.
+
+Legend: N = number of examples, T = longest example minus one, B = batch size, V = vocab size.
+"""
+import os
+from collections import defaultdict
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .data import AGE_RANGE, ATTRIBUTES, CITIES, COLORS, JOBS, PET_NAMES, PETS, TEMPLATES, fact_sentence
+
+IGNORE_INDEX = -100         # a target the loss skips (the model's cross-entropy uses the same value)
+MAX_EXAMPLE_CHARS = 100     # prompt + answer; leaves room in a 128-token context for prefix/prompt tokens
+VALUES = {"city": CITIES, "job": JOBS, "pet": PETS, "pet_name": PET_NAMES, "color": COLORS}
+
+
+@dataclass(repr=False)
+class Task:
+    """A task's three splits of (prompt, answer) and how to judge an answer (kind, labels)."""
+    name: str
+    kind: str           # "generate": exact match of greedy decoding; "classify": the best-scored label
+    train: list         # lists of (prompt, answer)
+    val: list
+    test: list
+    labels: tuple = ()  # classify only: every possible answer
+
+    def __repr__(self):
+        return (f"Task(name={self.name!r}, kind={self.kind!r}, train={len(self.train)}, "
+                f"val={len(self.val)}, test={len(self.test)}, labels={self.labels!r})")
+
+
+def split_people(world, seed=0, val_fraction=0.125, test_fraction=0.25):
+    """Split the world's people into (train_names, val_names, test_names), at random for a seed."""
+    names = world.names
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    n_test = max(1, round(test_fraction * len(world)))
+    n_val = max(1, round(val_fraction * len(world)))
+    if n_test + n_val >= len(world):
+        raise ValueError(f"a world of {len(world)} people is too small to split into train, val and test")
+    return order[n_test + n_val:], order[n_test:n_test + n_val], order[:n_test]
+
+
+def _pick(rng, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _other_value(attr, true_value, rng):
+    """A random value for attr that differs from true_value."""
+    pool = range(*AGE_RANGE) if attr == "age" else VALUES[attr]
+    return _pick(rng, [v for v in pool if v != true_value])
+
+# ----------------------------------------------------------------------------------------------------
+# the three tasks
+
+RECORD_NAMES = ("kim", "ada", "bob", "eve", "ugo", "ines", "joe", "tim", "pia", "ola", "ray", "sue",
+                "ned", "liv", "abe", "fay", "gil", "hal", "ida", "kit", "lou", "meg", "ron", "val")
+RECORD_FIELDS = ("city", "job", "age", "pet", "color")    # the order of the fields in a record
+RECORD_CLAUSES = {"city": ("lives in {v}", "is from {v}"), "job": ("works as a {v}", "is a {v}"),
+                  "age": ("is {v}", "is aged {v}"), "pet": ("has a {v}", "owns a {v}"),
+                  "color": ("likes {v}", "loves {v}")}
+
+
+def _record_example(rng):
+    """2 or 3 facts about an invented person, stated in any order; the record lists them in a fixed order."""
+    name = _pick(rng, RECORD_NAMES)
+    fields = [RECORD_FIELDS[i] for i in sorted(rng.choice(len(RECORD_FIELDS), int(rng.integers(2, 4)),
+                                                          replace=False))]
+    values = {f: str(rng.integers(*AGE_RANGE)) if f == "age" else _pick(rng, VALUES[f]) for f in fields}
+    clauses = [_pick(rng, RECORD_CLAUSES[f]).format(v=values[f]) for f in rng.permutation(fields)]
+    prompt = f"fact: {name} {', '.join(clauses[:-1])} and {clauses[-1]}.\nrecord:"
+    answer = " " + "|".join([f"name={name}"] + [f"{f}={values[f]}" for f in fields]) + "\n"
+    return prompt, answer
+
+
+def make_record_task(world=None, seed=0, n_train=2000, n_val=200, n_test=200):
+    """The format task. `world` is not used (the people are invented); it keeps get_task uniform."""
+    rng = np.random.default_rng(seed)
+    examples = {}                                  # prompt -> answer: no prompt in two splits
+    while len(examples) < n_train + n_val + n_test:
+        prompt, answer = _record_example(rng)
+        if len(prompt) + len(answer) <= MAX_EXAMPLE_CHARS:
+            examples[prompt] = answer
+    items = list(examples.items())
+    return Task("record", "generate", train=items[:n_train], val=items[n_train:n_train + n_val],
+                test=items[n_train + n_val:])
+
+
+QUESTIONS = {
+    "city": ("where does {name} live?", "which city does {name} live in?"),
+    "job": ("what is {name}'s job?", "what does {name} do for a living?"),
+    "pet": ("what pet does {name} have?", "what kind of animal does {name} keep?"),
+    "pet_name": ("what is the name of {name}'s {pet}?", "what is {name}'s {pet} called?"),
+    "age": ("how old is {name}?", "what is {name}'s age?"),
+    "color": ("what is {name}'s favorite color?", "which color does {name} like best?"),
+}
+
+
+def _qa_examples(world, names):
+    return [(f"q: {question.format(name=name, pet=world[name].pet)}\na:", f" {getattr(world[name], attr)}\n")
+            for name in names for attr in ATTRIBUTES for question in QUESTIONS[attr]]
+
+
+def make_qa_task(world, seed=0):
+    """Questions about the world; val and test ask about people absent from train."""
+    train, val, test = split_people(world, seed)
+    rng = np.random.default_rng(seed)
+    examples = _qa_examples(world, train)
+    return Task("qa", "generate", train=[examples[i] for i in rng.permutation(len(examples))],
+                val=_qa_examples(world, val), test=_qa_examples(world, test))
+
+
+def _classify_examples(world, names, rng):
+    """One true and one false statement per person and attribute, in random paraphrases: balanced."""
+    examples = []
+    for name in names:
+        person = world[name]
+        for attr in ATTRIBUTES:
+            for truth in (True, False):
+                value = None if truth else _other_value(attr, getattr(person, attr), rng)
+                statement = fact_sentence(person, attr, int(rng.integers(len(TEMPLATES[attr]))), value)
+                examples.append((f"statement: {statement}\ntrue or false?", " true\n" if truth else " false\n"))
+    return examples
+
+
+def make_classify_task(world, seed=0):
+    """True/false statements about the world, split by people like qa."""
+    train, val, test = split_people(world, seed)
+    rng = np.random.default_rng(seed)
+    examples = _classify_examples(world, train, rng)
+    return Task("classify", "classify", train=[examples[i] for i in rng.permutation(len(examples))],
+                val=_classify_examples(world, val, rng), test=_classify_examples(world, test, rng),
+                labels=(" true\n", " false\n"))
+
+
+TASKS = {"record": make_record_task, "qa": make_qa_task, "classify": make_classify_task}
+
+
+def get_task(name, world, seed=0):
+    """The task called name ("record", "qa" or "classify"), with splits fixed by seed."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; valid names are {', '.join(map(repr, TASKS))}")
+    return TASKS[name](world, seed=seed)
+
+# ----------------------------------------------------------------------------------------------------
+# encoding and batching
+
+
+def encode_examples(tok, examples, block_size):
+    """Token arrays for training on the answers only.
+
+    Inputs:
+    - tok: a tokenizer with encode(); examples: list of (prompt, answer), both non-empty.
+    - block_size: the model's context; an example of L tokens needs L - 1 <= block_size.
+
+    Returns:
+    - idx: (N,T) int64, tokens[:-1] of each example, right-padded with the newline id.
+    - targets: (N,T) int64, tokens[1:] at the answer tokens and IGNORE_INDEX (-100) everywhere else
+      (prompt and padding). T is the longest example's length minus one.
+    """
+    if not examples:
+        raise ValueError("no examples to encode")
+    rows = []
+    for i, (prompt, answer) in enumerate(examples):
+        p, a = tok.encode(prompt), tok.encode(answer)
+        if len(p) == 0 or len(a) == 0:
+            raise ValueError(f"example {i} has an empty prompt or answer; both need at least one token")
+        if len(p) + len(a) - 1 > block_size:
+            raise ValueError(f"example {i} has {len(p) + len(a)} tokens (prompt + answer), but block_size "
+                             f"{block_size} fits at most {block_size + 1}; shorten it or use a larger block_size")
+        rows.append((p, a))
+    T = max(len(p) + len(a) for p, a in rows) - 1
+    pad = int(tok.encode("\n")[0])                 # any valid id would do: its targets are ignored
+    idx = np.full((len(rows), T), pad, dtype=np.int64)
+    targets = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)
+    for n, (p, a) in enumerate(rows):
+        tokens = np.concatenate([p, a])
+        idx[n, :len(tokens) - 1] = tokens[:-1]
+        targets[n, len(p) - 1:len(tokens) - 1] = a   # position t predicts token t+1; the answer starts at len(p)
+    return idx, targets
+
+
+def _trim(x, y):
+    """Drop the columns after the batch's last answer token. They are only padding, and attention is causal,
+    so no other position's logits change; the batch just gets cheaper."""
+    used = np.flatnonzero((y != IGNORE_INDEX).any(axis=0))
+    T = used[-1] + 1 if used.size else 1
+    return x[:, :T], y[:, :T]
+
+
+def iterate_batches(idx, targets, batch_size, rng):
+    """One epoch in random order: yields (x, y), (B,T') with B <= batch_size and T' <= T."""
+    order = rng.permutation(len(idx))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        yield _trim(idx[rows], targets[rows])
+
+
+def sample_batch(idx, targets, batch_size, rng):
+    """batch_size random examples (with replacement) as (x, y), (B,T') with T' <= T."""
+    rows = rng.integers(0, len(idx), size=batch_size)
+    return _trim(idx[rows], targets[rows])
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _same_length_groups(token_lists, batch_size):
+    """Indices grouped by token count, at most batch_size per group: each group stacks into one (B,T)
+    array with no padding, so a whole group runs through the model in one call."""
+    by_length = defaultdict(list)
+    for i, tokens in enumerate(token_lists):
+        by_length[len(tokens)].append(i)
+    for length in sorted(by_length):
+        rows = by_length[length]
+        for start in range(0, len(rows), batch_size):
+            yield rows[start:start + batch_size]
+
+
+def _check_fits(n_tokens, block_size, prompt):
+    if n_tokens > block_size:
+        raise ValueError(f"the prompt {prompt[:40]!r}... needs a context of {n_tokens} tokens but block_size "
+                         f"is {block_size}; use a shorter prompt (fewer shots) or a larger block_size")
+
+
+def greedy_continuations(model, tok, prompts, n_new, batch_size=64):
+    """Greedy decoding of n_new[i] tokens after prompts[i]; returns the generated strings."""
+    ids = [tok.encode(p) for p in prompts]
+    out = [None] * len(prompts)
+    for rows in _same_length_groups(ids, batch_size):
+        x = np.stack([ids[i] for i in rows])                                  # (B,T)
+        steps = max(n_new[i] for i in rows)
+        _check_fits(x.shape[1] + steps - 1, model.config.block_size, prompts[rows[0]])
+        y = model.generate(x, steps, temperature=0.0)                         # (B,T+steps)
+        for i, row in zip(rows, y):
+            out[i] = tok.decode(row[x.shape[1]:x.shape[1] + n_new[i]])
+    return out
+
+
+def label_scores(model, tok, prompts, labels, batch_size=64):
+    """Score each label for each prompt, like a classifier head over the label tokens.
+
+    The labels share a prefix (" " in " true\\n" / " false\\n"). The model reads prompt + prefix, and the
+    logits at the last position for the character where each label goes its own way ("t", "f") are the
+    scores.
+
+    Returns:
+    - scores: (N, len(labels)) float logits; the prediction is labels[scores.argmax(1)].
+    """
+    prefix = os.path.commonprefix(list(labels))
+    if len(set(labels)) != len(labels) or any(len(label) == len(prefix) for label in labels):
+        raise ValueError(f"labels {labels!r} must be distinct and none may be the start of another")
+    label_ids = tok.encode("".join(label[len(prefix)] for label in labels))
+    ids = [tok.encode(p + prefix) for p in prompts]
+    scores = np.zeros((len(prompts), len(labels)))
+    for rows in _same_length_groups(ids, batch_size):
+        x = np.stack([ids[i] for i in rows])                                  # (B,T)
+        _check_fits(x.shape[1], model.config.block_size, prompts[rows[0]])
+        logits, _ = model.forward(x)                                          # (B,T,V)
+        scores[rows] = logits[:, -1, label_ids]
+    return scores
+
+
+def evaluate(model, tok, task_or_examples, split="test", max_new_tokens=None, batch_size=64):
+    """Accuracy of a model on a task split (or on a list of (prompt, answer), judged as generation).
+
+    generate tasks: greedy decoding after each prompt, correct when the generated text starts with the
+      answer. As answers end in "\\n", that is exact match of the text up to the first newline.
+      max_new_tokens defaults to each answer's length (a fixed smaller value marks longer answers wrong).
+    classify tasks: the label with the highest label_scores() is the prediction.
+
+    Returns: dict with
+    - accuracy: float; n: int, number of examples.
+    - correct: list of bool; predictions: list of str (generated text cut after its first newline, or
+      the chosen label).
+    """
+    if isinstance(task_or_examples, Task):
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        examples, kind, labels = getattr(task_or_examples, split), task_or_examples.kind, task_or_examples.labels
+    else:
+        examples, kind, labels = list(task_or_examples), "generate", ()
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    prompts, answers = [p for p, _ in examples], [a for _, a in examples]
+
+    if kind == "classify":
+        unknown = set(answers) - set(labels)
+        if unknown:
+            raise ValueError(f"answers {sorted(unknown)!r} are not among the labels {labels!r}")
+        scores = label_scores(model, tok, prompts, labels, batch_size)
+        predictions = [labels[j] for j in scores.argmax(axis=1)]
+        correct = [pred == answer for pred, answer in zip(predictions, answers)]
+    else:
+        n_new = [max_new_tokens or len(a) for a in answers]
+        generated = greedy_continuations(model, tok, prompts, n_new, batch_size)
+        correct = [text.startswith(answer) for text, answer in zip(generated, answers)]
+        predictions = [text.split("\n")[0] + "\n" if "\n" in text else text for text in generated]
+    return {"accuracy": float(np.mean(correct)), "n": len(examples), "correct": correct,
+            "predictions": predictions}
+
+# ----------------------------------------------------------------------------------------------------
+# few-shot prompting: the same tasks without training
+
+
+def few_shot_prompt(task, query, k, seed=0):
+    """query preceded by k solved training examples: prompt_1 + answer_1 + ... + prompt_k + answer_k + query.
+
+    The answers end in "\\n", which separates the shots. A seed picks the same shots for every query.
+    Returns a str; with the character tokenizer its token count is its length.
+    """
+    if not 0 <= k <= len(task.train):
+        raise ValueError(f"k must be between 0 and {len(task.train)} (the training examples), got {k}")
+    rng = np.random.default_rng(seed)
+    shots = [task.train[i] for i in rng.choice(len(task.train), size=k, replace=False)]
+    return "".join(prompt + answer for prompt, answer in shots) + query
+
+
+def few_shot_task(task, k, seed=0):
+    """task with every val and test prompt turned into a k-shot prompt, ready for evaluate()."""
+    def wrap(examples):
+        return [(few_shot_prompt(task, prompt, k, seed), answer) for prompt, answer in examples]
+    return replace(task, name=f"{task.name}-{k}shot", val=wrap(task.val), test=wrap(task.test))
