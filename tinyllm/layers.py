@@ -83,8 +83,10 @@ def layernorm_backward(dout, cache, need_dparams=True):
 
 def linear_forward(x, w, b):
     """Inputs: x (...,in); w (in,out); b (out,). Returns: out (...,out), cache."""
-    out = x @ w + b                                   # (...,in) @ (in,out) -> (...,out)
-    return out, (x, w)
+    # one big 2-D matmul over all B*T rows: numpy runs (B,T,in) @ (in,out) as B small ones
+    out = x.reshape(-1, w.shape[0]) @ w                # (B*T,in) @ (in,out) -> (B*T,out)
+    out += b
+    return out.reshape(*x.shape[:-1], w.shape[1]), (x, w)
 
 
 def linear_backward(dout, cache, need_dw=True, need_db=True):
@@ -96,9 +98,10 @@ def linear_backward(dout, cache, need_dw=True, need_db=True):
     """
     x, w = cache
     n_in, n_out = w.shape
-    dx = dout @ w.T                                   # (...,out) @ (out,in) -> (...,in)
-    dw = x.reshape(-1, n_in).T @ dout.reshape(-1, n_out) if need_dw else None   # (in,out)
-    db = dout.reshape(-1, n_out).sum(axis=0) if need_db else None               # (out,)
+    dout2 = dout.reshape(-1, n_out)                                             # (B*T,out)
+    dx = (dout2 @ w.T).reshape(x.shape)               # (B*T,out) @ (out,in) -> (B*T,in)
+    dw = x.reshape(-1, n_in).T @ dout2 if need_dw else None                     # (in,B*T) @ (B*T,out) -> (in,out)
+    db = dout2.sum(axis=0) if need_db else None                                 # (out,)
     return dx, dw, db
 
 
@@ -110,22 +113,28 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)
 
 def gelu_forward(x):
     """out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). Inputs: x (...). Returns: out (...), cache."""
-    t = np.tanh(GELU_SCALE * (x + 0.044715 * (x * x * x)))   # x*x*x: np.power is ~100x slower on float32
+    x2 = x * x                                        # x^2 by hand: np.power is far slower on float32
+    t = np.tanh(GELU_SCALE * x * (1.0 + 0.044715 * x2))
     out = 0.5 * x * (1.0 + t)
-    return out, (x, t)
+    return out, (x, x2, t)
 
 
 def gelu_backward(dout, cache):
     """Returns dx (...)."""
-    x, t = cache
+    x, x2, t = cache
     # forward was: out = 0.5 x (1 + t), t = tanh(u), u = GELU_SCALE (x + 0.044715 x^3), so
     # dout/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx
-    du_dx = GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
+    du_dx = GELU_SCALE * (1.0 + 3.0 * 0.044715 * x2)
     return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx)
 
 
 # ----------------------------------------------------------------------------------------------------
 # causal self-attention
+
+def causal_mask(T, P, dtype):
+    """(T,P+T): 0 where new token t may look (keys 0..P+t), -inf elsewhere; added to the scores."""
+    return np.where(np.tri(T, P + T, k=P, dtype=bool), 0.0, -np.inf).astype(dtype)
+
 
 def attention_forward(qkv, n_head, past_k=None, past_v=None):
     """Multi-head causal self-attention on the output of the fused c_attn projection.
@@ -150,12 +159,10 @@ def attention_forward(qkv, n_head, past_k=None, past_v=None):
         P = past_k.shape[2]
         k = np.concatenate([past_k, k], axis=2)                  # (B,NH,P+T,hs)
         v = np.concatenate([past_v, v], axis=2)                  # (B,NH,P+T,hs)
-    scores = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))   # (B,NH,T,P+T)
-    # new token t sits at position P+t, so it may look at keys 0..P+t
-    visible = np.tri(T, P + T, k=P, dtype=bool)                 # (T,P+T)
-    scores = np.where(visible, scores, -np.inf)
+    scores = (q * (1.0 / math.sqrt(hs))) @ k.transpose(0, 1, 3, 2)   # (B,NH,T,hs) @ (B,NH,hs,P+T) -> (B,NH,T,P+T)
+    scores += causal_mask(T, P, scores.dtype)                    # new token t (position P+t) sees keys 0..P+t
     scores -= scores.max(axis=-1, keepdims=True)                 # softmax, shifted for stability
-    att = np.exp(scores)
+    att = np.exp(scores, out=scores)                             # in place: scores are not needed again
     att /= att.sum(axis=-1, keepdims=True)                       # (B,NH,T,P+T), rows sum to 1
     y = att @ v                                                  # (B,NH,T,P+T) @ (B,NH,P+T,hs) -> (B,NH,T,hs)
     out = y.transpose(0, 2, 1, 3).reshape(B, T, C)               # re-assemble the heads, (B,T,C)
@@ -172,11 +179,12 @@ def attention_backward(dout, cache):
     datt = dy @ v.transpose(0, 1, 3, 2)                          # (B,NH,T,P+T)
     dv = att.transpose(0, 1, 3, 2) @ dy                          # (B,NH,P+T,hs)
     # forward was: att = softmax(scores); masked entries have att = 0 and so get no gradient
-    dscores = att * (datt - (datt * att).sum(axis=-1, keepdims=True))
-    dscores *= 1.0 / math.sqrt(hs)
-    # forward was: scores = q @ k^T / sqrt(hs)
-    dq = dscores @ k                                             # (B,NH,T,hs)
-    dk = dscores.transpose(0, 1, 3, 2) @ q                       # (B,NH,P+T,hs)
+    datt -= (datt * att).sum(axis=-1, keepdims=True)
+    dscores = np.multiply(datt, att, out=datt)                   # (B,NH,T,P+T), in place
+    # forward was: scores = (q / sqrt(hs)) @ k^T; the scale goes on the small (B,NH,*,hs) side
+    scale = 1.0 / math.sqrt(hs)
+    dq = (dscores @ k) * scale                                   # (B,NH,T,hs)
+    dk = (dscores.transpose(0, 1, 3, 2) @ q) * scale             # (B,NH,P+T,hs)
     dpast_k = dpast_v = None
     if P > 0:
         dpast_k, dk = dk[:, :, :P], dk[:, :, P:]
