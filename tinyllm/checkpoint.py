@@ -9,6 +9,7 @@ Checkpoints: named arrays plus a JSON description, in one .npz file that loads w
 Writes are atomic: the file is written beside its destination, flushed to disk, then renamed over it,
 so a crash or Ctrl-C mid-write leaves the previous checkpoint as it was.
 """
+import contextlib
 import json
 import os
 
@@ -25,23 +26,31 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path, arrays, meta):
     """Write arrays ({name: ndarray}) and meta (a JSON-able dict) to path, atomically."""
-    path = os.fspath(path)
     for name, a in arrays.items():
         if name == META_KEY or not isinstance(a, np.ndarray) or a.dtype.hasobject:
             raise ValueError(f"cannot checkpoint {name!r}: need a numeric numpy array under a name other "
                              f"than {META_KEY!r}, got {type(a).__name__}")
-    header = {"format": FORMAT, "version": FORMAT_VERSION, **meta}
+    header = {**meta, "format": FORMAT, "version": FORMAT_VERSION}
     blob = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+    with atomic_open(path) as f:
+        np.savez(f, allow_pickle=False, **arrays, **{META_KEY: blob})
+
+
+@contextlib.contextmanager
+def atomic_open(path):
+    """Open a temporary file beside path for binary writing; when the block ends without an error, it
+    replaces path in one step. On any error, Ctrl-C included, path is left as it was."""
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, allow_pickle=False, **arrays, **{META_KEY: blob})
+            yield f
             f.flush()
             os.fsync(f.fileno())                 # the bytes are on disk before the name points at them
         os.replace(tmp, path)                    # atomic: readers see the old file or the new, never half
-    except BaseException:                        # also on Ctrl-C: never leave the temp file behind
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
@@ -151,25 +160,3 @@ def load_pretrained(path):
         raise CheckpointError(f"{path!r} holds a model that is not a plain GPT ({e})") from None
     return model, CharTokenizer(meta["tokenizer_chars"]), meta
 
-
-# ----------------------------------------------------------------------------------------------------
-import contextlib
-
-
-@contextlib.contextmanager
-def atomic_open(path):
-    """Open a temporary file beside path for binary writing; on success it replaces path in one step."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -1,0 +1,85 @@
+"""
+The command line: `python -m tinyllm COMMAND [flags]`.
+
+Each command is two small functions: add_X(subparsers) declares its flags, run_X(args) does the work
+and returns the exit status (0 ok, 1 training failed, 2 bad input, 130 interrupted). To add a command,
+write the pair and list add_X in COMMANDS.
+"""
+import argparse
+import sys
+
+from .checkpoint import CheckpointError
+from .train import PRETRAIN, PRETRAIN_OUT, QUICK, TrainingError, pretrain
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line: 'prog: error: ... (see prog --help)', exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def fail(message, status=2):
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+# ----------------------------------------------------------------------------------------------------
+# pretrain
+
+def add_pretrain(subparsers):
+    p = subparsers.add_parser(
+        "pretrain", help="train the default small GPT on the synthetic corpus (about 3 minutes)",
+        description="Pretrain the default GPT (4 layers, 128 wide, character vocabulary) on the synthetic "
+                    "corpus, print samples, and save a checkpoint that the fine-tuning lessons start from. "
+                    "Ctrl-C saves a checkpoint and prints the command that resumes it.")
+    p.add_argument("--steps", type=int,
+                   help=f"optimizer steps (default {PRETRAIN.max_steps}; {QUICK['max_steps']} with --quick)")
+    p.add_argument("--batch-size", type=int, help=f"sequences of 128 characters per step (default "
+                   f"{PRETRAIN.batch_size}; {QUICK['batch_size']} with --quick)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {PRETRAIN.lr:g})")
+    p.add_argument("--out", help=f"checkpoint to write (default {PRETRAIN_OUT}, or the --resume file)")
+    p.add_argument("--seed", type=int, help=f"seed of the initial weights and of the batches (default {PRETRAIN.seed})")
+    p.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint, exactly")
+    p.add_argument("--quick", action="store_true", help="a few seconds on a small corpus, for tests")
+    p.set_defaults(run=run_pretrain)
+
+
+def run_pretrain(args):
+    out = args.out or args.resume or PRETRAIN_OUT
+    command = f"python -m tinyllm pretrain --resume {out}"
+    try:
+        result = pretrain(out=out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          resume=args.resume, quick=args.quick, resume_command=command)
+    except (CheckpointError, ValueError) as e:
+        return fail(e)
+    except TrainingError as e:
+        return fail(e, status=1)
+    return 130 if result["history"]["status"] == "interrupted" else 0
+
+
+# ----------------------------------------------------------------------------------------------------
+
+COMMANDS = [add_pretrain]
+
+
+def build_parser():
+    parser = Parser(prog="python -m tinyllm",
+                    description="tinyllm: GPT-2 and its fine-tuning methods in NumPy, every gradient by hand.")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:                   # outside the training loop, which handles its own
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

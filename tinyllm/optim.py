@@ -1,0 +1,138 @@
+"""
+AdamW, gradient clipping and the learning-rate schedule, as nanoGPT trains GPT-2.
+
+The optimizer is handed the live parameter arrays, {name: array}, and changes them in place; a
+fine-tuning method hands it only its trainable arrays, so the frozen weights get no optimizer state.
+"""
+import math
+
+import numpy as np
+
+
+class AdamW:
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as torch.optim.AdamW computes it:
+
+        p = p - lr * wd * p                              only for matrices (ndim >= 2), as in nanoGPT
+        m = b1 m + (1 - b1) g                            running mean of the gradient
+        v = b2 v + (1 - b2) g^2                          running mean of its square
+        p = p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    Biases and layer-norm gains are not decayed: pulling a gain towards 0 would shrink the signal.
+    m and v have the dtype of their parameter, so float32 training stays float32.
+
+    Inputs: params, {name: array}, updated in place by step(); lr, betas, eps, weight_decay as above.
+    """
+
+    def __init__(self, params, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        check_lr(lr)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"AdamW betas must be two numbers in [0, 1), got {betas!r}; the usual are (0.9, 0.95)")
+        if not eps > 0:
+            raise ValueError(f"AdamW eps must be > 0 (it keeps the update finite when v is 0), got {eps!r}")
+        if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+            raise ValueError(f"AdamW weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        for name, p in params.items():
+            if not (isinstance(p, np.ndarray) and np.issubdtype(p.dtype, np.floating)):
+                raise ValueError(f"AdamW params[{name!r}] must be a floating-point numpy array, got {type(p).__name__}")
+        self.params = params
+        self.lr, self.betas = float(lr), tuple(map(float, betas))
+        self.eps, self.weight_decay = float(eps), float(weight_decay)
+        self.t = 0                                                   # steps taken, for the bias correction
+        self.m = {k: np.zeros_like(p) for k, p in params.items()}
+        self.v = {k: np.zeros_like(p) for k, p in params.items()}
+
+    def step(self, grads, lr=None):
+        """Update every parameter that has a gradient in grads, in place.
+
+        A parameter with no gradient (it took no part in this forward) is left alone, as in PyTorch.
+        Inputs: grads, {name: array} with the parameters' names and shapes; lr overrides self.lr (a schedule).
+        """
+        lr = self.lr if lr is None else check_lr(lr)
+        unknown = [k for k in grads if k not in self.params]
+        if unknown:
+            raise ValueError(f"gradients for parameters the optimizer does not hold: {unknown[:5]}; "
+                             f"build AdamW from model.trainable_parameters() after choosing what trains")
+        self.t += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t            # bias corrections: m, v start at 0
+        for name, g in grads.items():
+            p, m, v = self.params[name], self.m[name], self.v[name]
+            if g.shape != p.shape:
+                raise ValueError(f"gradient of {name} has shape {g.shape} but the parameter has {p.shape}")
+            if p.ndim >= 2 and self.weight_decay:
+                p *= 1.0 - lr * self.weight_decay                    # decoupled: not part of the gradient
+            m *= b1
+            m += (1.0 - b1) * g
+            v *= b2
+            v += (1.0 - b2) * (g * g)
+            p -= (lr / bc1) * m / (np.sqrt(v) / math.sqrt(bc2) + self.eps)
+
+    def state_dict(self):
+        """{'t': array(t), 'm/<name>': m, 'v/<name>': v}: copies, enough to resume bit for bit."""
+        state = {"t": np.array(self.t, dtype=np.int64)}
+        for k in self.params:
+            state["m/" + k], state["v/" + k] = self.m[k].copy(), self.v[k].copy()
+        return state
+
+    def load_state_dict(self, state):
+        """Copy a state_dict() into this optimizer, whose parameters must have the same names and shapes."""
+        expected = {"t"} | {f"{s}/{k}" for k in self.params for s in "mv"}
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"optimizer state does not match these parameters: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}; was it saved for another model or method?")
+        for k in self.params:
+            for s, buf in (("m", self.m[k]), ("v", self.v[k])):
+                if state[f"{s}/{k}"].shape != buf.shape:
+                    raise ValueError(f"optimizer state {s}/{k} has shape {state[f'{s}/{k}'].shape}, "
+                                     f"the parameter has {buf.shape}")
+                buf[...] = state[f"{s}/{k}"]
+        self.t = int(state["t"])
+
+    def state_bytes(self):
+        """Bytes held by m and v: twice the trainable parameters' size, the reason to train fewer of them."""
+        return sum(a.nbytes for a in self.m.values()) + sum(a.nbytes for a in self.v.values())
+
+
+def check_lr(lr):
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)) \
+            or not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"AdamW lr must be a finite number >= 0, got {lr!r}")
+    return float(lr)
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients together so their global L2 norm is at most max_norm, in place.
+
+    The norm is over every tensor at once, so the update keeps its direction; only its length shrinks.
+    Returns: the norm before clipping (a float; inf or nan when a gradient is not finite).
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+    total = global_norm(grads)
+    if total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for g in grads.values():
+            g *= scale
+    return total
+
+
+def global_norm(grads):
+    """sqrt of the sum of every squared gradient entry, over all tensors (summed in float64)."""
+    return math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads.values()))
+
+
+def lr_schedule(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
+    """Linear warmup to max_lr, then cosine decay to min_lr_ratio * max_lr at total_steps.
+
+    step counts from 0: step 0 gets max_lr / warmup_steps, step warmup_steps gets max_lr, and
+    step total_steps (and after) gets the minimum. Warmup keeps the first updates, made while Adam's
+    estimate of v is still poor, small.
+    """
+    min_lr = max_lr * min_lr_ratio
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)       # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
