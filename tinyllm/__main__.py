@@ -59,8 +59,39 @@ def run_pretrain(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+# bench
 
-COMMANDS = [add_pretrain]
+def add_bench(subparsers):
+    p = subparsers.add_parser(
+        "bench", help="measure speed: tokens/s, GFLOP/s against the matmul peak, step time per method",
+        description="Time forward+backward on the 'lesson' and 'wide' configs (and PyTorch eager on the same "
+                    "model when torch is installed), profile each layer, compare each fine-tuning method's step "
+                    "time and memory with full fine-tuning, and time generation with and without the KV cache. "
+                    "Medians of --repeats runs, all in this one process.")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure; medians are reported (default 5)")
+    p.add_argument("--configs", nargs="+", default=["lesson", "wide"], choices=["lesson", "wide"],
+                   help="model configs to time (default: both)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference even if torch is installed")
+    p.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args):
+    import json
+    from .bench import run
+    if args.repeats < 1:
+        return fail(f"--repeats must be at least 1, got {args.repeats}")
+    results = run(configs=tuple(args.configs), repeats=args.repeats, torch_ref=not args.no_torch)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+
+COMMANDS = [add_pretrain, add_bench]
 
 
 def build_parser():

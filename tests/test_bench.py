@@ -1,0 +1,48 @@
+"""The benchmark's pieces run on a tiny model and report sane figures (no timing goals here: those
+belong to `python -m tinyllm bench`)."""
+import numpy as np
+import pytest
+
+from tinyllm import bench, model as model_module
+from tinyllm.model import GPTConfig
+
+TINY = GPTConfig(vocab_size=16, block_size=16, n_layer=2, n_head=2, n_embd=16)
+
+
+def test_train_flops_counts_each_matmul():
+    B, T, C, L, V = 2, TINY.block_size, TINY.n_embd, TINY.n_layer, TINY.vocab_size
+    per_token_linear = 2 * (3 * C * C + C * C + 4 * C * C + 4 * C * C)   # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    forward = B * T * (per_token_linear * L + 2 * C * V) + 4 * B * T * T * C * L
+    assert bench.train_flops(TINY, B, T) == 3 * forward
+
+
+def test_bench_model_and_generate_report_positive_rates():
+    r = bench.bench_model(TINY, 2, repeats=1)
+    assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(2 * TINY.block_size / r["seconds"])
+    g = bench.bench_generate(TINY, n_new=8, repeats=1)
+    assert g["kv_cache_tokens_per_s"] > 0 and g["no_cache_tokens_per_s"] > 0
+
+
+def test_profile_layers_times_every_layer_and_restores_the_model():
+    originals = {n: getattr(model_module, n) for n in dir(model_module) if n.endswith(("_forward", "_backward"))}
+    rows, total = bench.profile_layers(TINY, 2, repeats=1)
+    names = {r[0] for r in rows}
+    assert {"embedding", "layernorm", "linear", "gelu", "attention", "cross_entropy"} <= names
+    assert all(f >= 0 and b >= 0 for _, f, b in rows) and sum(f + b for _, f, b in rows) <= total * 1.5
+    assert all(getattr(model_module, n) is fn for n, fn in originals.items())
+
+
+def test_bench_methods_ratios_and_memory_counts():
+    rows = bench.bench_methods(TINY, 2, repeats=1)
+    assert set(rows) == {"full", "lora", "prefix", "prompt", "adapter"}
+    assert rows["full"]["ratio_to_full"] == 1.0
+    for name, r in rows.items():
+        assert r["adam_bytes"] == 2 * r["trainable"] * 4          # m and v in float32
+        assert r["grad_bytes"] == r["trainable"] * 4
+        assert r["activation_bytes"] > 0 and r["peak_step_bytes"] > 0
+    assert rows["lora"]["trainable"] < rows["full"]["trainable"]
+
+
+def test_nbytes_unique_counts_views_once():
+    a = np.zeros((4, 8), np.float32)
+    assert bench.nbytes_unique([a, a[:2], a.T, {"x": a}]) == a.nbytes
