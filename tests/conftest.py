@@ -5,6 +5,10 @@ printed at the end of the run.
 """
 import os
 import sys
+
+# The tests use small matrices, where a second BLAS thread costs more in hand-offs than it saves, and on
+# a busy machine two threads per process thrash. Set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from collections import defaultdict
 
 import pytest
