@@ -31,7 +31,11 @@ def save_checkpoint(path, arrays, meta):
             raise ValueError(f"cannot checkpoint {name!r}: need a numeric numpy array under a name other "
                              f"than {META_KEY!r}, got {type(a).__name__}")
     header = {**meta, "format": FORMAT, "version": FORMAT_VERSION}
-    blob = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+    try:
+        blob = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+    except (TypeError, ValueError) as e:   # checked before the file is touched
+        raise ValueError(f"cannot checkpoint meta: it must be JSON-able (dicts, lists, str, int, float, bool, "
+                         f"None), but {e}") from None
     with atomic_open(path) as f:
         np.savez(f, allow_pickle=False, **arrays, **{META_KEY: blob})
 
@@ -61,6 +65,8 @@ def load_checkpoint(path):
 
     Returns: arrays ({name: ndarray}), meta (dict). Raises CheckpointError for every kind of failure.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or pathlib.Path), got {path!r}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path!r}; make one with `python -m tinyllm pretrain` "
@@ -75,7 +81,7 @@ def load_checkpoint(path):
     if magic != b"PK\x03\x04":                  # an .npz is a zip file, and every zip starts so
         raise CheckpointError(f"{path!r} is not a tinyllm checkpoint (not an .npz file)")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:   # our handle: closed on every error
             arrays = {k: z[k] for k in z.files}
     except Exception as e:                       # zipfile, numpy and OS errors all mean the same here
         raise CheckpointError(f"{path!r} is not a readable checkpoint, truncated or corrupted? "
@@ -133,13 +139,30 @@ def load_training_state(path, model, optimizer):
         optimizer.load_state_dict(strip_prefix("optim/", arrays))
     except ValueError as e:
         raise CheckpointError(f"{path!r} does not fit this model: {e}") from None
+    return restore_rng(path, meta["rng_state"]), meta["step"], meta["history"], meta
+
+
+def restore_rng(path, state, rng=None):
+    """A np.random.Generator in a saved bit_generator.state; with rng given, that generator is set to it."""
     try:
-        state = meta["rng_state"]
-        rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
+        if rng is None:
+            rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
         rng.bit_generator.state = state
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path!r} has a corrupted random-number state ({e!r})") from None
-    return rng, meta["step"], meta["history"], meta
+    return rng
+
+
+def check_writable(path):
+    """Raise CheckpointError now, before any training, if a checkpoint could not be written at path."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path {path!r} is a folder; give a file name, e.g. {path}/ckpt.npz")
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):         # the nearest folder that exists must let us create the rest
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write a checkpoint at {path!r}: {folder!r} is not a writable folder")
 
 
 def load_pretrained(path):

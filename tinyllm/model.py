@@ -226,14 +226,47 @@ def prefix_as_past(p, i, B, n_head):
     return heads(p[key]), heads(p[f"h.{i}.attn.prefix_v"])   # (P,C) -> (B,NH,P,hs)
 
 
+def is_int(v):
+    """An integer, and not a bool (True would silently mean 1)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def is_number(v):
+    """A finite real number, and not a bool."""
+    if is_int(v):
+        return True
+    return isinstance(v, (float, np.floating)) and bool(np.isfinite(v))
+
+
+def as_array(x, what, hint="every row needs the same length"):
+    """np.asarray(x), with a clear error for what numpy cannot make an array of (ragged nested lists)."""
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError):
+        raise ValueError(f"{what} is not an array: nested lists of different lengths? ({hint})") from None
+
+
+def check_weights(name, value, shape, hint):
+    """value as an array that can be loaded into the parameter `name` of this shape, or a ValueError
+    saying what is wrong with it (hint: the likely cause of a shape mismatch)."""
+    a = as_array(value, f"{name} in the state dict")
+    if a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape} in the state dict but {shape} in this model; {hint}")
+    if a.dtype.kind not in "iuf":
+        raise ValueError(f"{name} in the state dict has dtype {a.dtype}; parameters are real numbers")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} in the state dict holds nan or inf values; was it saved from a run that diverged?")
+    return a
+
+
 def check_tokens(idx, vocab_size, what="idx"):
     """Raise a clear error for token ids that are not a (B,T) integer array inside the vocabulary."""
-    idx = np.asarray(idx)
+    idx = as_array(idx, what, "pad the sequences of a batch to one length")
     if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
         raise ValueError(f"{what} must be a 2-D integer array of token ids (batch, time), got shape "
                          f"{idx.shape} and dtype {idx.dtype}; wrap a single sequence as idx[None, :]")
-    if idx.shape[1] == 0:
-        raise ValueError(f"{what} is empty (no tokens); give at least one token per sequence")
+    if idx.size == 0:
+        raise ValueError(f"{what} is empty (shape {idx.shape}); give at least one sequence of at least one token")
     bad = np.argwhere((idx < 0) | (idx >= vocab_size))
     if len(bad):
         b, t = bad[0]
@@ -284,7 +317,7 @@ def gpt_forward(p, idx, config, targets=None, past=None, lora=None):
 
     loss, c_loss = None, None
     if targets is not None:
-        targets = np.asarray(targets)
+        targets = as_array(targets, "targets", "targets need the shape of idx")
         if targets.shape != idx.shape:
             raise ValueError(f"targets has shape {targets.shape} but idx has shape {idx.shape}; they must match")
         if not np.issubdtype(targets.dtype, np.integer):
@@ -367,15 +400,21 @@ def generate(forward, idx, max_new_tokens, block_size, temperature=1.0, top_k=No
     from scratch, since GPT-2's positions are absolute and a cache cannot be shifted.
     Returns: (B, T + max_new_tokens) token ids.
     """
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be None or >= 1, got {top_k}")
-    rng = np.random.default_rng(seed)
+    if not is_number(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    try:
+        rng = np.random.default_rng(seed)
+    except (TypeError, ValueError):
+        raise ValueError(f"seed must be None or a non-negative integer, got {seed!r}") from None
     window = block_size - reserved
-    out = np.asarray(idx)
+    out = as_array(idx, "idx", "pad the sequences of a batch to one length")
+    if out.ndim != 2:   # the other checks of idx are gpt_forward's
+        raise ValueError(f"idx must be a 2-D array of token ids (batch, time), got shape {out.shape}; "
+                         f"wrap a single sequence as idx[None, :]")
     logits, past = forward(out[:, -window:], None)
     for step in range(max_new_tokens):
         nxt = sample_next(logits[:, -1], temperature, top_k, rng)                # (B,)
@@ -396,7 +435,19 @@ class GPT:
 
     def __init__(self, config, seed=0, dtype=np.float32):
         if isinstance(config, dict):
+            unknown = sorted(set(config) - set(GPTConfig.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"unknown GPTConfig fields {unknown}; the fields are "
+                                 f"{list(GPTConfig.__dataclass_fields__)}")
             config = GPTConfig(**config)
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig or a dict of its fields, got {type(config).__name__}")
+        try:
+            floating = np.issubdtype(np.dtype(dtype), np.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise TypeError(f"dtype must be a numpy float type such as np.float32 or np.float64, got {dtype!r}")
         self.config = config
         self.params = init_params(config, seed, dtype)
         self.trainable = set(self.params)
@@ -441,7 +492,10 @@ class GPT:
         return {k: v.copy() for k, v in self.params.items()}
 
     def load_state_dict(self, state):
-        """Copy arrays into the parameters. Keys and shapes must match exactly."""
+        """Copy arrays into the parameters. Keys and shapes must match exactly; values must be finite
+        real numbers. Nothing changes unless everything fits."""
+        if not isinstance(state, dict):
+            raise TypeError(f"load_state_dict takes a dict {{name: array}}, got {type(state).__name__}")
         missing = [k for k in self.params if k not in state]
         unexpected = [k for k in state if k not in self.params]
         if missing or unexpected:
@@ -449,9 +503,7 @@ class GPT:
                              f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
                              f"{'...' if len(unexpected) > 5 else ''}; was it saved from a model with "
                              f"another config ({self.config})?")
-        for k, v in state.items():   # check everything before changing anything
-            if np.shape(v) != self.params[k].shape:
-                raise ValueError(f"{k} has shape {np.shape(v)} in the state dict but {self.params[k].shape} "
-                                 f"in this model; the config differs ({self.config})")
+        state = {k: check_weights(k, v, self.params[k].shape, f"the config differs ({self.config})")
+                 for k, v in state.items()}   # check everything before changing anything
         for k, v in state.items():
             self.params[k][...] = v

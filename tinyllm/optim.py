@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 
+from .model import check_weights, is_int, is_number
+
 
 class AdamW:
     """Adam with decoupled weight decay (Loshchilov & Hutter), as torch.optim.AdamW computes it:
@@ -25,12 +27,17 @@ class AdamW:
 
     def __init__(self, params, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
         check_lr(lr)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(is_number(b) and 0.0 <= b < 1.0
+                                                                            for b in betas):
             raise ValueError(f"AdamW betas must be two numbers in [0, 1), got {betas!r}; the usual are (0.9, 0.95)")
-        if not eps > 0:
-            raise ValueError(f"AdamW eps must be > 0 (it keeps the update finite when v is 0), got {eps!r}")
-        if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+        if not (is_number(eps) and eps > 0):
+            raise ValueError(f"AdamW eps must be a finite number > 0 (it keeps the update finite when v is 0), "
+                             f"got {eps!r}")
+        if not (is_number(weight_decay) and weight_decay >= 0):
             raise ValueError(f"AdamW weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        if not isinstance(params, dict):
+            raise TypeError(f"AdamW takes params as a dict {{name: array}}, e.g. model.trainable_parameters(), "
+                            f"got {type(params).__name__}")
         for name, p in params.items():
             if not (isinstance(p, np.ndarray) and np.issubdtype(p.dtype, np.floating)):
                 raise ValueError(f"AdamW params[{name!r}] must be a floating-point numpy array, got {type(p).__name__}")
@@ -48,17 +55,26 @@ class AdamW:
         Inputs: grads, {name: array} with the parameters' names and shapes; lr overrides self.lr (a schedule).
         """
         lr = self.lr if lr is None else check_lr(lr)
+        if not isinstance(grads, dict):
+            raise TypeError(f"grads must be a dict {{name: array}} as model.backward() returns, "
+                            f"got {type(grads).__name__}")
         unknown = [k for k in grads if k not in self.params]
         if unknown:
             raise ValueError(f"gradients for parameters the optimizer does not hold: {unknown[:5]}; "
                              f"build AdamW from model.trainable_parameters() after choosing what trains")
+        for name, g in grads.items():    # check every gradient before any parameter changes
+            p = self.params[name]
+            if not isinstance(g, np.ndarray) or g.shape != p.shape or g.dtype.kind not in "iuf":
+                raise ValueError(f"gradient of {name} must be a real array of shape {p.shape}, got "
+                                 f"{type(g).__name__} {getattr(g, 'shape', '')} {getattr(g, 'dtype', '')}")
+            if not np.isfinite(g).all():
+                raise ValueError(f"gradient of {name} holds nan or inf; the step would destroy the parameters "
+                                 f"(train() stops on this; lower the learning rate or clip the gradients)")
         self.t += 1
         b1, b2 = self.betas
         bc1, bc2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t            # bias corrections: m, v start at 0
         for name, g in grads.items():
             p, m, v = self.params[name], self.m[name], self.v[name]
-            if g.shape != p.shape:
-                raise ValueError(f"gradient of {name} has shape {g.shape} but the parameter has {p.shape}")
             if p.ndim >= 2 and self.weight_decay:
                 p *= 1.0 - lr * self.weight_decay                    # decoupled: not part of the gradient
             m *= b1
@@ -76,18 +92,24 @@ class AdamW:
 
     def load_state_dict(self, state):
         """Copy a state_dict() into this optimizer, whose parameters must have the same names and shapes."""
+        if not isinstance(state, dict):
+            raise TypeError(f"load_state_dict takes a dict as state_dict() returns, got {type(state).__name__}")
         expected = {"t"} | {f"{s}/{k}" for k in self.params for s in "mv"}
         if set(state) != expected:
-            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected, key=str)
             raise ValueError(f"optimizer state does not match these parameters: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}; was it saved for another model or method?")
+        t = state["t"]
+        if not (is_int(t) or (isinstance(t, np.ndarray) and t.shape == () and t.dtype.kind in "iu")) or t < 0:
+            raise ValueError(f"optimizer state t (steps taken) must be an integer >= 0, got {t!r}")
+        loaded = {}                      # check everything before changing anything
         for k in self.params:
-            for s, buf in (("m", self.m[k]), ("v", self.v[k])):
-                if state[f"{s}/{k}"].shape != buf.shape:
-                    raise ValueError(f"optimizer state {s}/{k} has shape {state[f'{s}/{k}'].shape}, "
-                                     f"the parameter has {buf.shape}")
-                buf[...] = state[f"{s}/{k}"]
-        self.t = int(state["t"])
+            for s in "mv":
+                loaded[f"{s}/{k}"] = check_weights(f"optimizer state {s}/{k}", state[f"{s}/{k}"],
+                                                   self.m[k].shape, "was it saved for another model?")
+        for k in self.params:
+            self.m[k][...], self.v[k][...] = loaded[f"m/{k}"], loaded[f"v/{k}"]
+        self.t = int(t)
 
     def state_bytes(self):
         """Bytes held by m and v: twice the trainable parameters' size, the reason to train fewer of them."""
@@ -95,8 +117,7 @@ class AdamW:
 
 
 def check_lr(lr):
-    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)) \
-            or not (math.isfinite(lr) and lr >= 0):
+    if not (is_number(lr) and lr >= 0):
         raise ValueError(f"AdamW lr must be a finite number >= 0, got {lr!r}")
     return float(lr)
 
@@ -107,10 +128,10 @@ def clip_grad_norm(grads, max_norm):
     The norm is over every tensor at once, so the update keeps its direction; only its length shrinks.
     Returns: the norm before clipping (a float; inf or nan when a gradient is not finite).
     """
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+    if not (is_number(max_norm) and max_norm > 0):
+        raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
     total = global_norm(grads)
-    if total > max_norm:
+    if math.isfinite(total) and total > max_norm:    # a non-finite norm is left for the caller to report
         scale = max_norm / (total + 1e-6)
         for g in grads.values():
             g *= scale
@@ -129,6 +150,11 @@ def lr_schedule(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
     step total_steps (and after) gets the minimum. Warmup keeps the first updates, made while Adam's
     estimate of v is still poor, small.
     """
+    if not (is_int(step) and step >= 0 and is_int(warmup_steps) and warmup_steps >= 0 and is_int(total_steps)
+            and is_number(max_lr) and max_lr >= 0 and is_number(min_lr_ratio) and 0 <= min_lr_ratio <= 1):
+        raise ValueError(f"lr_schedule needs integers step >= 0, warmup_steps >= 0 and total_steps, max_lr >= 0 "
+                         f"and min_lr_ratio in [0, 1]; got step={step!r}, max_lr={max_lr!r}, warmup_steps="
+                         f"{warmup_steps!r}, total_steps={total_steps!r}, min_lr_ratio={min_lr_ratio!r}")
     min_lr = max_lr * min_lr_ratio
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .data import AGE_RANGE, ATTRIBUTES, CITIES, COLORS, JOBS, PET_NAMES, PETS, TEMPLATES, fact_sentence
+from .model import is_int
 
 IGNORE_INDEX = -100         # a target the loss skips (the model's cross-entropy uses the same value)
 MAX_EXAMPLE_CHARS = 100     # prompt + answer; leaves room in a 128-token context for prefix/prompt tokens
@@ -170,8 +171,9 @@ def encode_examples(tok, examples, block_size):
     - targets: (N,T) int64, tokens[1:] at the answer tokens and IGNORE_INDEX (-100) everywhere else
       (prompt and padding). T is the longest example's length minus one.
     """
-    if not examples:
-        raise ValueError("no examples to encode")
+    if not is_int(block_size) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    check_examples(examples, "encode")
     rows = []
     for i, (prompt, answer) in enumerate(examples):
         p, a = tok.encode(prompt), tok.encode(answer)
@@ -190,6 +192,18 @@ def encode_examples(tok, examples, block_size):
         idx[n, :len(tokens) - 1] = tokens[:-1]
         targets[n, len(p) - 1:len(tokens) - 1] = a   # position t predicts token t+1; the answer starts at len(p)
     return idx, targets
+
+
+def check_examples(examples, what):
+    """Raise a clear error unless examples is a non-empty list of (prompt, answer) string pairs."""
+    if not isinstance(examples, (list, tuple)) or not examples:
+        raise ValueError(f"no examples to {what}: need a non-empty list of (prompt, answer) pairs, "
+                         f"got {examples!r:.80}")
+    for i, ex in enumerate(examples):
+        if not (isinstance(ex, (tuple, list)) and len(ex) == 2 and all(isinstance(s, str) for s in ex)):
+            raise ValueError(f"example {i} must be a (prompt, answer) pair of strings, got {ex!r:.80}")
+        if not (ex[0] and ex[1]):       # an empty answer would count as correct without a single token
+            raise ValueError(f"example {i} has an empty prompt or answer; both need at least one character")
 
 
 def _trim(x, y):
@@ -291,9 +305,13 @@ def evaluate(model, tok, task_or_examples, split="test", max_new_tokens=None, ba
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         examples, kind, labels = getattr(task_or_examples, split), task_or_examples.kind, task_or_examples.labels
     else:
-        examples, kind, labels = list(task_or_examples), "generate", ()
-    if not examples:
-        raise ValueError("no examples to evaluate")
+        examples, kind, labels = task_or_examples, "generate", ()
+    check_examples(examples, "evaluate")
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_new_tokens is not None and (not is_int(max_new_tokens) or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens must be None (each answer's length) or a positive integer, "
+                         f"got {max_new_tokens!r}")
     prompts, answers = [p for p, _ in examples], [a for _, a in examples]
 
     if kind == "classify":

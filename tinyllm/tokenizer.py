@@ -57,6 +57,9 @@ class CharTokenizer:
 
         Raises TokenizerError (a ValueError) naming the first character that is not in the alphabet.
         """
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}"
+                            + ("; decode bytes first: data.decode('utf-8')" if isinstance(text, bytes) else ""))
         ids = np.fromiter((self.stoi.get(ch, -1) for ch in text), dtype=np.int64, count=len(text))
         unknown = np.flatnonzero(ids < 0)
         if unknown.size:
@@ -78,7 +81,10 @@ class CharTokenizer:
         Returns:
         - text: str with one character per id.
         """
-        ids = np.asarray(ids)
+        try:
+            ids = np.asarray(ids)
+        except (ValueError, TypeError):
+            raise ValueError("decode takes a 1-D sequence of ids; got nested lists of different lengths") from None
         if ids.ndim != 1:
             raise ValueError(f"decode takes a 1-D sequence of ids, got shape {ids.shape}; "
                              f"decode each row of a batch separately")

@@ -10,9 +10,10 @@ the scheduled learning rate. `train` works with any model that follows tinyllm's
 
 Exactness: a run stopped at step k and resumed from its checkpoint ends bit-identical to one that never
 stopped, because the checkpoint holds everything the next step reads: parameters, AdamW's m, v and t,
-the state of the batch RNG, the step and the history. Ctrl-C is held back while the parameters are being
-updated, so an interrupt never leaves half a step behind.
+the state of the batch RNG (and of model.rng, LoRA dropout's), the step and the history. Ctrl-C is held
+back while the parameters are being updated, so an interrupt never leaves half a step behind.
 """
+import json
 import math
 import os
 import signal
@@ -23,7 +24,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .checkpoint import CheckpointError, load_checkpoint, load_training_state, save_training_state
+from .checkpoint import (CheckpointError, check_writable, load_checkpoint, load_training_state, restore_rng,
+                         save_training_state)
 from .data import World, fact_recall_examples, make_corpus, split_corpus, unigram_loss
 from .data import get_batch as corpus_windows
 from .model import GPT, GPTConfig
@@ -71,6 +73,12 @@ class TrainConfig:
             self.checkpoint = os.fspath(self.checkpoint)
         need(self.checkpoint is None or (isinstance(self.checkpoint, str) and self.checkpoint), "checkpoint",
              "a file path or None")
+        for f in fields(self):                           # numpy scalars as Python numbers: they go into JSON
+            value = getattr(self, f.name)
+            if isinstance(value, np.integer):
+                setattr(self, f.name, int(value))
+            elif isinstance(value, np.floating):
+                setattr(self, f.name, float(value))
 
     def to_dict(self):
         return asdict(self)
@@ -140,7 +148,8 @@ def train(model, get_batch, cfg, eval_fn=None, out=default_out, resume_from=None
     """Train model's trainable parameters with AdamW on batches from get_batch.
 
     Inputs:
-      model           follows the protocol in the module docstring
+      model           follows the protocol in the module docstring; a model that draws random numbers
+                      while training (LoRA dropout) exposes its generator as model.rng, checkpointed too
       get_batch       get_batch(split, rng) -> x, y (B,T) ints; split is 'train' or 'val'; use only rng
                       for randomness, so that a resumed run draws the same batches
       cfg             TrainConfig
@@ -162,9 +171,18 @@ def train(model, get_batch, cfg, eval_fn=None, out=default_out, resume_from=None
         raise ValueError("the model has no trainable parameters; unfreeze some or add a fine-tuning method")
     optimizer = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     extra = {**(meta or {}), "train_config": cfg.to_dict()}
+    try:                                                 # found out now, not at the first save
+        json.dumps(extra)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"meta must be JSON-able, since it goes into every checkpoint: {e}") from None
+    if cfg.checkpoint:
+        check_writable(cfg.checkpoint)
+    model_rng = getattr(model, "rng", None)
 
     if resume_from is not None:
         rng, step, history, saved = load_training_state(resume_from, model, optimizer)
+        if model_rng is not None and saved.get("model_rng_state") is not None:
+            restore_rng(resume_from, saved["model_rng_state"], model_rng)
         changed = [f.name for f in fields(cfg) if f.name != "checkpoint"
                    and saved.get("train_config", {}).get(f.name) != getattr(cfg, f.name)]
         out(f"resuming {resume_from} at step {step}"
@@ -182,6 +200,7 @@ def train(model, get_batch, cfg, eval_fn=None, out=default_out, resume_from=None
 
     # The committed state: what a checkpoint records. It changes only between steps, all at once.
     committed_rng = rng.bit_generator.state
+    committed_model_rng = model_rng.bit_generator.state if model_rng is not None else None
     resumed_in_place = resume_from is not None and cfg.checkpoint is not None \
         and os.path.abspath(resume_from) == os.path.abspath(cfg.checkpoint)
     saved_step = step if resumed_in_place else None      # the step of the checkpoint file on disk
@@ -192,7 +211,8 @@ def train(model, get_batch, cfg, eval_fn=None, out=default_out, resume_from=None
 
     def save():
         nonlocal saved_step
-        save_training_state(cfg.checkpoint, model, optimizer, committed_rng, step, history, extra)
+        save_training_state(cfg.checkpoint, model, optimizer, committed_rng, step, history,
+                            {**extra, "model_rng_state": committed_model_rng})
         saved_step = step
 
     def stop(what, value):
@@ -210,15 +230,18 @@ def train(model, get_batch, cfg, eval_fn=None, out=default_out, resume_from=None
                 with interrupts_held():
                     history["val_step"].append(step)
                     history["val_loss"].append(float(val_loss))
+                    if model_rng is not None:                # the evaluation may have drawn from it
+                        committed_model_rng = model_rng.bit_generator.state
                 out(f"step {step:>5}/{cfg.max_steps} | val loss {val_loss:.4f}")
             if step >= cfg.max_steps:
                 break
 
             x, y = get_batch("train", rng)
+            _, loss = model.forward(x, y)                    # which checks x and y
+            x = np.asarray(x)
             if x.shape[0] != cfg.batch_size:
                 raise ValueError(f"get_batch gave {x.shape[0]} sequences but TrainConfig.batch_size is "
                                  f"{cfg.batch_size}; build get_batch with the config's batch size")
-            _, loss = model.forward(x, y)
             if not math.isfinite(loss):
                 stop("the loss", loss)
             grads = model.backward()
@@ -232,6 +255,8 @@ def train(model, get_batch, cfg, eval_fn=None, out=default_out, resume_from=None
                 step += 1
                 tokens += x.size
                 committed_rng = rng.bit_generator.state
+                if model_rng is not None:
+                    committed_model_rng = model_rng.bit_generator.state
                 for key, value in (("step", step), ("train_loss", float(loss)), ("lr", lr),
                                    ("grad_norm", norm), ("tokens", tokens),
                                    ("elapsed", elapsed_before + time.perf_counter() - start)):

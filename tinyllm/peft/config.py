@@ -5,6 +5,8 @@ where PEFT has the method (LoRA, prefix tuning, prompt tuning), so a config carr
 Each config checks its own fields when it is made; checks that need the model (does the prefix leave
 room in the context? does the target module exist?) run in get_peft_model.
 """
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional, Union
 
@@ -14,15 +16,43 @@ def _positive_int(cls, name, value):
         raise ValueError(f"{cls}.{name} must be a positive integer, got {value!r}")
 
 
+def _positive_number(cls, name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{cls}.{name} must be a finite number > 0, got {value!r}")
+
+
+def _flag(cls, name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{cls}.{name} must be True or False, got {value!r}")
+
+
 def _choice(cls, name, value, allowed):
-    if value not in allowed:
+    if not any(type(value) is type(a) and value == a for a in allowed):   # 1 is not True, "x" is not ["x"]
         raise ValueError(f"{cls}.{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _text(cls, name, value):
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{cls}.{name} must be a string (or None), got {value!r}")
+
+
+def _layers(cls, value):
+    """layers_to_transform as a list of block indices (an int alone is one block), or None."""
+    if value is None:
+        return None
+    layers = [value] if isinstance(value, int) else value
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ValueError(f"{cls}.layers_to_transform must be None or a list of block indices (ints), got {value!r}")
+    return list(layers)
 
 
 @dataclass
 class PeftConfig:
     """What every method's config has: its type, and whether it is loaded only for inference."""
     inference_mode: bool = False
+
+    def __post_init__(self):
+        _flag(type(self).__name__, "inference_mode", self.inference_mode)
 
     def to_dict(self):
         return {"peft_type": self.peft_type, **asdict(self)}
@@ -62,23 +92,32 @@ class LoraConfig(PeftConfig):
     layers_to_transform: Optional[List[int]] = None
 
     def __post_init__(self):
+        super().__post_init__()
         _positive_int("LoraConfig", "r", self.r)
-        if not self.lora_alpha > 0:
-            raise ValueError(f"LoraConfig.lora_alpha must be positive, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        _positive_number("LoraConfig", "lora_alpha", self.lora_alpha)
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
+                or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
         _choice("LoraConfig", "bias", self.bias, ("none", "all", "lora_only"))
+        _flag("LoraConfig", "use_rslora", self.use_rslora)
         _choice("LoraConfig", "init_lora_weights", self.init_lora_weights, (True, False, "gaussian"))
         if self.target_modules is None:
             self.target_modules = ["c_attn"]            # PEFT's default for GPT-2
-        if isinstance(self.target_modules, (list, tuple)):
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ValueError(f"LoraConfig.target_modules {self.target_modules!r} is not a valid regular "
+                                 f"expression ({e}); or give a list of names, e.g. ['c_attn']") from None
+        elif isinstance(self.target_modules, (list, tuple)) \
+                and all(isinstance(t, str) and t for t in self.target_modules):
             self.target_modules = list(self.target_modules)
             if not self.target_modules:
                 raise ValueError("LoraConfig.target_modules is empty; name at least one module, e.g. ['c_attn']")
-        if self.layers_to_transform is not None:
-            if isinstance(self.layers_to_transform, int):
-                self.layers_to_transform = [self.layers_to_transform]
-            self.layers_to_transform = [int(i) for i in self.layers_to_transform]
+        else:
+            raise ValueError(f"LoraConfig.target_modules must be a list of module names or one regular "
+                             f"expression, got {self.target_modules!r}")
+        self.layers_to_transform = _layers("LoraConfig", self.layers_to_transform)
 
     @property
     def scale(self):
@@ -104,14 +143,16 @@ class PrefixTuningConfig(PeftConfig):
     init_std: float = 1.0
 
     def __post_init__(self):
+        super().__post_init__()
         _positive_int("PrefixTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)
+        _flag("PrefixTuningConfig", "prefix_projection", self.prefix_projection)
         _positive_int("PrefixTuningConfig", "encoder_hidden_size", self.encoder_hidden_size)
         _choice("PrefixTuningConfig", "init", self.init, ("random", "text"))
+        _text("PrefixTuningConfig", "init_text", self.init_text)
         if self.init == "text" and not self.init_text:
             raise ValueError("PrefixTuningConfig.init='text' needs init_text, the text whose keys and values "
                              "start the prefix")
-        if not self.init_std > 0:
-            raise ValueError(f"PrefixTuningConfig.init_std must be positive, got {self.init_std!r}")
+        _positive_number("PrefixTuningConfig", "init_std", self.init_std)
 
 
 @dataclass
@@ -128,9 +169,11 @@ class PromptTuningConfig(PeftConfig):
     prompt_tuning_init_text: Optional[str] = None
 
     def __post_init__(self):
+        super().__post_init__()
         _positive_int("PromptTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)
         _choice("PromptTuningConfig", "prompt_tuning_init", self.prompt_tuning_init,
                 ("RANDOM", "SAMPLE_VOCAB", "TEXT"))
+        _text("PromptTuningConfig", "prompt_tuning_init_text", self.prompt_tuning_init_text)
         if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
             raise ValueError("PromptTuningConfig.prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
 
@@ -145,9 +188,10 @@ class AdapterConfig(PeftConfig):
     layers_to_transform: Optional[List[int]] = None
 
     def __post_init__(self):
+        super().__post_init__()
         _positive_int("AdapterConfig", "bottleneck_size", self.bottleneck_size)
-        if not self.init_std > 0:
-            raise ValueError(f"AdapterConfig.init_std must be positive, got {self.init_std!r}")
+        _positive_number("AdapterConfig", "init_std", self.init_std)
+        self.layers_to_transform = _layers("AdapterConfig", self.layers_to_transform)
 
 
 @dataclass
@@ -159,6 +203,7 @@ class FullFineTuningConfig(PeftConfig):
     last_k_blocks: Optional[int] = None
 
     def __post_init__(self):
+        super().__post_init__()
         if self.last_k_blocks is not None:
             _positive_int("FullFineTuningConfig", "last_k_blocks", self.last_k_blocks)
 

@@ -39,7 +39,7 @@ def find_targets(config, model_config):
         for t in config.target_modules:
             hits = [n for n in names if n == t or n.endswith("." + t)]
             if not hits:
-                valid = sorted(set(LINEARS) | {n.split(".")[-1] for n in LINEARS if "c_attn." not in n})
+                valid = sorted(set(LINEARS) | {n.split(".", 1)[1] for n in LINEARS})   # 'c_fc', 'c_attn.q'...
                 raise ValueError(f"LoraConfig.target_modules: {t!r} is not a module of this GPT; valid names: "
                                  f"{valid} (or full names such as 'h.0.attn.c_attn')")
             targets += [n for n in hits if n not in targets]

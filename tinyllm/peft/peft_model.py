@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from ..checkpoint import CheckpointError, atomic_open, load_checkpoint, save_checkpoint
-from ..model import generate, gpt_backward, gpt_forward
+from ..model import check_weights, generate, gpt_backward, gpt_forward
 from . import adapter as adapter_method
 from . import lora as lora_method
 from . import prefix as prefix_method
@@ -69,7 +69,7 @@ class PeftModel:
         self._disabled = False
         self._merged = set()                  # LoRA adapters currently folded into the base weights
         self._cache = None
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(seed)   # initialisation, then LoRA dropout masks
         self._tokenizer = tokenizer
         self._base_trainable = set(model.trainable)
         self.fingerprint = base_fingerprint(model)
@@ -83,6 +83,9 @@ class PeftModel:
         if not isinstance(peft_config, PeftConfig):
             raise TypeError(f"expected a LoraConfig, PrefixTuningConfig, PromptTuningConfig, AdapterConfig or "
                             f"FullFineTuningConfig, got {type(peft_config).__name__}")
+        if not isinstance(adapter_name, str) or adapter_name in ("", ".", "..") or set(adapter_name) & set("/\\"):
+            raise ValueError(f"adapter_name must be a non-empty string without '/' or '\\' (save_pretrained makes "
+                             f"it a folder name), got {adapter_name!r}")
         if adapter_name in self.adapters:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another name")
         mc = self.base_model.config
@@ -107,7 +110,7 @@ class PeftModel:
 
     def set_adapter(self, adapter_name):
         """Make adapter_name the one used by forward, backward and generate, and the one that trains."""
-        if adapter_name not in self.adapters:
+        if not isinstance(adapter_name, str) or adapter_name not in self.adapters:
             raise ValueError(f"no adapter named {adapter_name!r}; this model has {list(self.adapters)}")
         if self._merged - {adapter_name}:
             raise RuntimeError(f"adapter(s) {sorted(self._merged)} are merged into the base weights; "
@@ -117,6 +120,8 @@ class PeftModel:
         base.trainable = set(full_trainable_names(self.config, base)) if self.is_full else set()
 
     def delete_adapter(self, adapter_name):
+        if not isinstance(adapter_name, str) or adapter_name not in self.adapters:
+            raise ValueError(f"no adapter named {adapter_name!r}; this model has {list(self.adapters)}")
         if adapter_name == self.active_adapter:
             raise ValueError(f"{adapter_name!r} is the active adapter; set_adapter() to another one first")
         del self.adapters[adapter_name], self.peft_config[adapter_name]
@@ -135,6 +140,12 @@ class PeftModel:
     @property
     def config(self):
         return self.peft_config[self.active_adapter]
+
+    @property
+    def rng(self):
+        """The generator LoRA dropout draws from: train() checkpoints its state, so a resumed run draws the
+        same masks."""
+        return self._rng
 
     @property
     def is_full(self):
@@ -251,15 +262,19 @@ class PeftModel:
         return {**self.base_model.state_dict(), **{k: v.copy() for k, v in self.adapters[self.active_adapter].items()}}
 
     def load_state_dict(self, state):
+        """Copy a state_dict() into the base and the active adapter. Nothing changes unless everything fits."""
+        if not isinstance(state, dict):
+            raise TypeError(f"load_state_dict takes a dict {{name: array}}, got {type(state).__name__}")
         adapter = self.adapters[self.active_adapter]
-        self.base_model.load_state_dict({k: v for k, v in state.items() if k not in adapter})
         missing = [k for k in adapter if k not in state]
         if missing:
-            raise ValueError(f"state dict lacks the adapter keys {missing[:5]}")
-        for k in adapter:
-            if np.shape(state[k]) != adapter[k].shape:
-                raise ValueError(f"{k} has shape {np.shape(state[k])} in the state dict but {adapter[k].shape} here")
-            adapter[k][...] = state[k]
+            raise ValueError(f"state dict lacks the adapter keys {missing[:5]}; was it saved with another "
+                             f"method or config ({self.config})?")
+        loaded = {k: check_weights(k, state[k], adapter[k].shape, f"the method's config differs ({self.config})")
+                  for k in adapter}
+        self.base_model.load_state_dict({k: v for k, v in state.items() if k not in adapter})   # checks, then copies
+        for k, v in loaded.items():
+            adapter[k][...] = v
 
     def _lora_only(self, what):
         if not isinstance(self.config, LoraConfig):
@@ -330,7 +345,11 @@ class PeftModel:
             raise ValueError(f"{model_id!r} holds a full fine-tuning, a whole copy of the model, which would overwrite "
                              f"the base the other adapters share; load it with PeftModel.from_pretrained(fresh_base, path)")
         self.add_adapter(adapter_name, config)
-        self._install(adapter_name, arrays)
+        try:
+            self._install(adapter_name, arrays)
+        except BaseException:                  # leave no half-loaded adapter behind
+            self.delete_adapter(adapter_name)
+            raise
 
     def _install(self, adapter_name, arrays):
         """Put loaded arrays in place of the freshly initialised ones, after checking they fit."""
@@ -359,12 +378,15 @@ class PeftModel:
 
 def read_adapter(model, model_id, is_trainable, fingerprint=None):
     """Read and check a saved adapter. Raises CheckpointError (a ValueError) with what went wrong."""
+    if not isinstance(model_id, (str, os.PathLike)):
+        raise TypeError(f"model_id must be the path of a folder written by save_pretrained(), got {model_id!r}")
     cfg_path, weights_path = os.path.join(model_id, CONFIG_NAME), os.path.join(model_id, WEIGHTS_NAME)
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"no {CONFIG_NAME} in {model_id!r}: is this a folder written by save_pretrained()?")
     try:
         with open(cfg_path) as f:
             meta = json.load(f)
+        written = dict(meta)
         base_config = meta.pop("base_config")
         saved_fp = meta.pop("base_fingerprint")
         meta.pop("format", None)
@@ -379,7 +401,12 @@ def read_adapter(model, model_id, is_trainable, fingerprint=None):
         raise CheckpointError(f"adapter in {model_id!r} was trained on different base weights (fingerprint "
                               f"{saved_fp}, this base {current}); load the base checkpoint it was trained from")
     config.inference_mode = not is_trainable
-    arrays, _ = load_checkpoint(weights_path)
+    arrays, weights_meta = load_checkpoint(weights_path)
+    if "adapter" in weights_meta and weights_meta["adapter"] != written:   # save_pretrained writes both the same
+        changed = sorted(k for k in set(written) | set(weights_meta["adapter"])
+                         if written.get(k) != weights_meta["adapter"].get(k))
+        raise CheckpointError(f"{cfg_path} and {weights_path} disagree on {changed}: they come from different "
+                              f"saves (a save interrupted between the two files, or an edited config?); save again")
     return config, arrays
 
 

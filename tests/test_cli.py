@@ -1,0 +1,142 @@
+"""
+The command line, `python -m tinyllm`: help for every command, and every bad input answered with one
+line on stderr and exit status 2, never a traceback. Ctrl-C saves and says how to resume.
+
+The commands are read from the parser, so a new command is covered by the help and wrong-flag tests as
+soon as it is added. (test_train.py has the first CLI tests: --help, --bogus, --steps many, a missing
+--resume file.)
+"""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinyllm.__main__ import build_parser, main
+from tinyllm.checkpoint import load_checkpoint, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMANDS = sorted(next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices)
+
+
+def run(*args, timeout=120):
+    """python -m tinyllm args, as a learner types it: (exit status, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "tinyllm", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def exit_status(argv):
+    """main(argv) in this process; argparse's own exits become their status."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def assert_one_line_error(status, err, *fragments):
+    assert status == 2, err
+    assert err.count("\n") == 1 and "error" in err and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_help_as_a_real_process_lists_every_command():
+    status, out, err = run("--help")
+    assert status == 0 and err == ""
+    assert all(command in out for command in COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    assert exit_status([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m tinyllm {command}") and "--" in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("flag", ["--no-such-flag", "--stpes=3", "stray-argument"])
+def test_a_wrong_flag_is_one_line_and_status_2(command, flag, capsys):
+    assert_one_line_error(exit_status([command, flag]), capsys.readouterr().err, flag, "--help")
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "required"),
+    (["fine-tune"], "invalid choice"),
+    (["pretrain", "--steps", "many"], "invalid int value"),
+    (["pretrain", "--lr"], "expected one argument"),
+    (["bench", "--repeats", "2.5"], "invalid int value"),
+    (["bench", "--configs", "huge"], "invalid choice"),
+    (["compare", "--task", "poetry"], "invalid choice"),
+    (["compare", "--seeds", "two"], "invalid int value"),
+])
+def test_values_argparse_rejects(argv, message, capsys):
+    assert_one_line_error(exit_status(argv), capsys.readouterr().err, message)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--steps", "-1"], "TrainConfig.max_steps"),
+    (["pretrain", "--batch-size", "0"], "TrainConfig.batch_size"),
+    (["pretrain", "--lr", "nan"], "TrainConfig.lr"),
+    (["pretrain", "--lr", "-0.1"], "TrainConfig.lr"),
+    (["pretrain", "--seed", "-3"], "TrainConfig.seed"),
+    (["bench", "--repeats", "0"], "--repeats"),
+    (["compare", "--steps", "0", "--quick"], "steps"),
+    (["compare", "--seeds", "0", "--quick"], "seeds"),
+])
+def test_values_tinyllm_rejects_before_any_work(argv, message, tmp_path, capsys):
+    argv = argv + ["--out", str(tmp_path / ("c.npz" if argv[0] == "pretrain" else "out"))] \
+        if argv[0] != "bench" else argv
+    assert_one_line_error(exit_status(argv), capsys.readouterr().err, message)
+    assert not os.path.exists(tmp_path / "c.npz")
+
+
+def bad_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "half.npz").write_bytes(b"PK\x03\x04 and then the disk was full")
+    save_checkpoint(tmp_path / "other.npz", {"x": np.zeros(2)}, {"kind": "finetune"})
+    return {"missing.npz": "no checkpoint at", "notes.txt": "not a tinyllm checkpoint",
+            "half.npz": "truncated or corrupted", "other.npz": "not a pretraining checkpoint"}
+
+
+def test_files_that_are_not_what_was_asked_for(tmp_path, capsys):
+    for name, message in bad_files(tmp_path).items():
+        assert_one_line_error(exit_status(["pretrain", "--resume", str(tmp_path / name)]), capsys.readouterr().err,
+                              name, message)
+    for name in ("notes.txt", "half.npz"):
+        assert_one_line_error(exit_status(["compare", "--checkpoint", str(tmp_path / name), "--out",
+                                           str(tmp_path / "out")]), capsys.readouterr().err, name)
+    assert_one_line_error(exit_status(["pretrain", "--quick", "--out", str(tmp_path)]), capsys.readouterr().err,
+                          "is a folder")
+    assert (tmp_path / "notes.txt").read_text() == "not a checkpoint\n"     # nothing was written over
+
+
+def test_a_file_error_as_a_real_process_has_no_traceback(tmp_path):
+    bad_files(tmp_path)
+    status, _, err = run("pretrain", "--resume", str(tmp_path / "half.npz"))
+    assert_one_line_error(status, err, "half.npz", "truncated or corrupted")
+
+
+def test_ctrl_c_saves_says_how_to_resume_and_the_resume_finishes(tmp_path):
+    ckpt = str(tmp_path / "ckpt.npz")
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "tinyllm", "pretrain", "--quick", "--steps", "3",
+                             "--out", ckpt], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:                    # the step-0 validation line: training is under way
+        lines.append(line)
+        if "val loss" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    lines.append(out)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    resume = f"python -m tinyllm pretrain --resume {ckpt}"
+    assert resume in "".join(lines)
+    step = load_checkpoint(ckpt)[1]["step"]
+    assert step < 3
+    status, out, err = run(*resume.split()[3:])
+    assert status == 0 and "Traceback" not in err, err
+    assert f"resuming {ckpt} at step {step}" in out and load_checkpoint(ckpt)[1]["step"] == 3
