@@ -269,7 +269,7 @@ def test_lora_equals_weights_merged_by_hand(method):
     pm = make_peft(method)
     idx, _ = make_batch()
     adapter = pm.adapters["default"]
-    merged = merged_copy(pm.base_model.params, adapter, expected_scale(pm.config))
+    merged = merged_copy(pm.base_model.params, adapter, expected_scale(pm.active_peft_config))
     logits = pm.forward(idx)[0]
     assert max_abs(logits, ref_batch(merged, idx)) < EXACT
     assert max_abs(logits, pm.base_model.forward(idx)[0]) > 1e-3        # and LoRA did change the output

@@ -424,7 +424,7 @@ def test_save_and_load_round_trip(method, tmp_path):
     loaded = PeftModel.from_pretrained(make_base(), str(tmp_path))
     np.testing.assert_allclose(loaded.forward(idx)[0], logits, rtol=0, atol=EXACT)
     assert loaded.trainable_parameters() == {}
-    assert loaded.config.inference_mode
+    assert loaded.active_peft_config.inference_mode
     trainable = PeftModel.from_pretrained(make_base(), str(tmp_path), is_trainable=True)
     np.testing.assert_allclose(trainable.forward(idx)[0], logits, rtol=0, atol=EXACT)
     if method == "prefix projection":

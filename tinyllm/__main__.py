@@ -90,8 +90,50 @@ def run_bench(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+# compare
 
-COMMANDS = [add_pretrain, add_bench]
+def add_compare(subparsers):
+    from .compare import DEFAULT_OUT, DEFAULT_SETTINGS, QUICK_SETTINGS
+    p = subparsers.add_parser(
+        "compare", help="fine-tune full, LoRA, prefix, prompt and adapter side by side, and test the claims",
+        description="From one pretrained checkpoint (made first if it does not exist), fine-tune every method on "
+                    "the same task with the same step budget; measure loss, accuracy, forgetting, time, memory "
+                    "and file sizes; judge the usual claims about fine-tuning by explicit rules; write "
+                    "results.json, report.md and plots into --out. About 5 minutes with the pretraining.")
+    p.add_argument("--task", default="record", choices=["record", "qa", "classify", "all"],
+                   help="the task to fine-tune on (default record); all: the three one after the other, about "
+                        "2.5 times as long, and the only way to measure the claims about classification")
+    p.add_argument("--steps", type=int, help=f"optimizer steps per method (default {DEFAULT_SETTINGS.steps}; "
+                                             f"{QUICK_SETTINGS.steps} with --quick)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="seeds per method; > 1 shows mean ± std and min/max (default 1)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"folder for results.json, report.md, plots and adapters (default {DEFAULT_OUT})")
+    p.add_argument("--checkpoint", help="pretrained checkpoint to start from; made with pretrain if missing "
+                                        "(default runs/pretrain/ckpt.npz; with --quick a tiny one in --out)")
+    p.add_argument("--quick", action="store_true", help="a tiny pretraining and a few steps, for tests (seconds)")
+    p.set_defaults(run=run_compare)
+
+
+def run_compare(args):
+    from .compare import DEFAULT_OUT, compare
+    flags = [(args.task != "record", f"--task {args.task}"), (args.steps is not None, f"--steps {args.steps}"),
+             (args.seeds != 1, f"--seeds {args.seeds}"), (args.out != DEFAULT_OUT, f"--out {args.out}"),
+             (args.checkpoint is not None, f"--checkpoint {args.checkpoint}"), (args.quick, "--quick")]
+    command = " ".join(["python -m tinyllm compare"] + [flag for given, flag in flags if given])
+    try:
+        compare(task=args.task, steps=args.steps, seeds=args.seeds, out=args.out, checkpoint=args.checkpoint,
+                quick=args.quick, command=command)
+    except (CheckpointError, ValueError) as e:
+        return fail(e)
+    except TrainingError as e:
+        return fail(e, status=1)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+
+COMMANDS = [add_pretrain, add_bench, add_compare]
 
 
 def build_parser():

@@ -243,6 +243,11 @@ def _same_length_groups(token_lists, batch_size):
             yield rows[start:start + batch_size]
 
 
+def context_room(model):
+    """Positions left for real tokens: block_size, less what a prefix or prompt takes (PeftModel)."""
+    return model.config.block_size - getattr(model, "reserved_positions", 0)
+
+
 def _check_fits(n_tokens, block_size, prompt):
     if n_tokens > block_size:
         raise ValueError(f"the prompt {prompt[:40]!r}... needs a context of {n_tokens} tokens but block_size "
@@ -256,7 +261,7 @@ def greedy_continuations(model, tok, prompts, n_new, batch_size=64):
     for rows in _same_length_groups(ids, batch_size):
         x = np.stack([ids[i] for i in rows])                                  # (B,T)
         steps = max(n_new[i] for i in rows)
-        _check_fits(x.shape[1] + steps - 1, model.config.block_size, prompts[rows[0]])
+        _check_fits(x.shape[1] + steps - 1, context_room(model), prompts[rows[0]])
         y = model.generate(x, steps, temperature=0.0)                         # (B,T+steps)
         for i, row in zip(rows, y):
             out[i] = tok.decode(row[x.shape[1]:x.shape[1] + n_new[i]])
@@ -281,7 +286,7 @@ def label_scores(model, tok, prompts, labels, batch_size=64):
     scores = np.zeros((len(prompts), len(labels)))
     for rows in _same_length_groups(ids, batch_size):
         x = np.stack([ids[i] for i in rows])                                  # (B,T)
-        _check_fits(x.shape[1], model.config.block_size, prompts[rows[0]])
+        _check_fits(x.shape[1], context_room(model), prompts[rows[0]])
         logits, _ = model.forward(x)                                          # (B,T,V)
         scores[rows] = logits[:, -1, label_ids]
     return scores

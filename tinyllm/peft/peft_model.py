@@ -117,7 +117,7 @@ class PeftModel:
                                f"unmerge_adapter() first")
         self.active_adapter = adapter_name
         base = self.base_model
-        base.trainable = set(full_trainable_names(self.config, base)) if self.is_full else set()
+        base.trainable = set(full_trainable_names(self.active_peft_config, base)) if self.is_full else set()
 
     def delete_adapter(self, adapter_name):
         if not isinstance(adapter_name, str) or adapter_name not in self.adapters:
@@ -139,7 +139,18 @@ class PeftModel:
 
     @property
     def config(self):
+        """The base model's GPTConfig, as in PEFT, where the wrapped model's config shows through."""
+        return self.base_model.config
+
+    @property
+    def active_peft_config(self):
+        """The config of the active adapter's method (peft_config[active_adapter])."""
         return self.peft_config[self.active_adapter]
+
+    @property
+    def reserved_positions(self):
+        """Context positions the active method takes before the real tokens (prefix or prompt length)."""
+        return 0 if self._disabled else reserved_positions(self.active_peft_config)
 
     @property
     def rng(self):
@@ -149,7 +160,7 @@ class PeftModel:
 
     @property
     def is_full(self):
-        return isinstance(self.config, FullFineTuningConfig)
+        return isinstance(self.active_peft_config, FullFineTuningConfig)
 
     def train(self):
         self.training = True
@@ -164,14 +175,14 @@ class PeftModel:
     def trainable_parameters(self):
         """{name: live array} that an optimizer updates: the active adapter's (plus base biases for
         LoraConfig(bias='all'|'lora_only')), or the base weights for full fine-tuning."""
-        if self.config.inference_mode:
+        if self.active_peft_config.inference_mode:
             return {}
         base = self.base_model.params
         if self.is_full:
-            return {k: base[k] for k in full_trainable_names(self.config, self.base_model)}
+            return {k: base[k] for k in full_trainable_names(self.active_peft_config, self.base_model)}
         params = dict(self.adapters[self.active_adapter])
-        if isinstance(self.config, LoraConfig):
-            params.update({k: base[k] for k in lora_method.bias_names(self.config, params, base)})
+        if isinstance(self.active_peft_config, LoraConfig):
+            params.update({k: base[k] for k in lora_method.bias_names(self.active_peft_config, params, base)})
         return params
 
     def get_nb_trainable_parameters(self):
@@ -190,7 +201,7 @@ class PeftModel:
         if self.is_full:
             n = sum(v.size for v in self.trainable_parameters().values())
             return f"full fine-tuning: every weight of the chosen blocks = {n:,}"
-        return METHODS[type(self.config)].formula(self.config, mc)
+        return METHODS[type(self.active_peft_config)].formula(self.active_peft_config, mc)
 
     # ---- forward, backward, generate -----------------------------------------------------------------
 
@@ -211,7 +222,7 @@ class PeftModel:
         return p, mlp_cache
 
     def _lora_options(self, training):
-        cfg = self.config
+        cfg = self.active_peft_config
         if not isinstance(cfg, LoraConfig):
             return None
         return {"scale": cfg.scale, "dropout": cfg.lora_dropout, "rng": self._rng if training else None}
@@ -251,7 +262,7 @@ class PeftModel:
         def forward(tokens, past):
             logits, _, cache = gpt_forward(p, tokens, self.base_model.config, past=past, lora=lora)
             return logits, cache["present"]
-        reserved = 0 if self._disabled else reserved_positions(self.config)
+        reserved = self.reserved_positions
         return generate(forward, idx, max_new_tokens, self.base_model.config.block_size,
                         temperature, top_k, seed, reserved=reserved)
 
@@ -269,29 +280,29 @@ class PeftModel:
         missing = [k for k in adapter if k not in state]
         if missing:
             raise ValueError(f"state dict lacks the adapter keys {missing[:5]}; was it saved with another "
-                             f"method or config ({self.config})?")
-        loaded = {k: check_weights(k, state[k], adapter[k].shape, f"the method's config differs ({self.config})")
+                             f"method or config ({self.active_peft_config})?")
+        loaded = {k: check_weights(k, state[k], adapter[k].shape, f"the method's config differs ({self.active_peft_config})")
                   for k in adapter}
         self.base_model.load_state_dict({k: v for k, v in state.items() if k not in adapter})   # checks, then copies
         for k, v in loaded.items():
             adapter[k][...] = v
 
     def _lora_only(self, what):
-        if not isinstance(self.config, LoraConfig):
-            raise ValueError(f"{what} applies to LoRA adapters; the active adapter is {type(self.config).__name__}")
+        if not isinstance(self.active_peft_config, LoraConfig):
+            raise ValueError(f"{what} applies to LoRA adapters; the active adapter is {type(self.active_peft_config).__name__}")
 
     def merge_adapter(self):
         """Fold the active LoRA into the base weights, W <- W + scale * A @ B: no extra cost at inference."""
         self._lora_only("merge_adapter")
         if self.active_adapter not in self._merged:
-            lora_method.merge(self.base_model.params, self.adapters[self.active_adapter], self.config.scale)
+            lora_method.merge(self.base_model.params, self.adapters[self.active_adapter], self.active_peft_config.scale)
             self._merged.add(self.active_adapter)
 
     def unmerge_adapter(self):
         """Undo merge_adapter (exact up to float rounding)."""
         self._lora_only("unmerge_adapter")
         if self.active_adapter in self._merged:
-            lora_method.merge(self.base_model.params, self.adapters[self.active_adapter], self.config.scale, -1.0)
+            lora_method.merge(self.base_model.params, self.adapters[self.active_adapter], self.active_peft_config.scale, -1.0)
             self._merged.discard(self.active_adapter)
 
     def merge_and_unload(self):
