@@ -1,0 +1,156 @@
+"""
+Lessons 10-15 (the ablations and the memory calculator) run end to end with a tiny random GPT and a few
+steps; a learner runs the defaults. The assertions check the numbers each main() returns against what
+they must be (parameter counts, consistency between two ways of computing one thing), and that the
+figures are real PNG files. Outputs go to pytest's tmp_path, never to runs/.
+"""
+import importlib.util
+import math
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = dict(n_layer=1, n_head=2, n_embd=32)       # block_size stays 128: the tasks' examples must fit
+C, L = TINY["n_embd"], TINY["n_layer"]
+
+
+def load_lesson(name):
+    """Import lessons/<name>.py by path: its file name starts with a digit, so `import` cannot."""
+    spec = importlib.util.spec_from_file_location(f"lesson_{name}", os.path.join(ROOT, "lessons", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_figures(paths, out_dir, n):
+    assert len(paths) == n
+    for path in paths:
+        assert os.path.dirname(path) == str(out_dir), f"{path} was not written to out_dir"
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG_MAGIC, f"{path} is not a PNG file"
+        assert os.path.getsize(path) > 10_000, f"{path} is suspiciously small: an empty figure?"
+
+
+def finite(x):
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def test_10_lora_rank_and_targets(tmp_path):
+    m = load_lesson("10_lora_rank_and_targets").main(ranks=(1, 2), steps=2, batch_size=2, noise_seeds=(1,),
+                                                    config=TINY, out_dir=str(tmp_path))
+    assert set(m["ranks"]) == {1, 2, 8}                                  # the main rank always runs
+    for r, run in m["ranks"].items():
+        assert run["params"] == r * (C + 3 * C) * L                      # r * (in + out) on c_attn
+        assert finite(run["val_loss"]) and 0.0 <= run["accuracy"] <= 1.0 and run["update_norm"] > 0
+    assert m["budget"] == 8 * 4 * C * L
+    for label, run in m["targets"].items():                              # every target near the budget
+        assert abs(run["params"] - m["budget"]) <= 0.25 * m["budget"], label
+    assert m["targets"]["q,v"]["params"] == m["budget"] and m["targets"]["q"]["r"] == 16
+    assert m["targets"]["q|k|v (c_attn)"]["val_loss"] == m["ranks"][8]["val_loss"]   # the same run, reused
+    assert len(m["noise"]) == 2 and m["seed_spread"] >= 0
+    assert sorted(m["target_order"]) == sorted(m["targets"])
+    assert_figures(m["figures"], tmp_path, 2)
+
+
+def test_11_prefix_prompt_adapter_sizes(tmp_path):
+    m = load_lesson("11_prefix_prompt_adapter_sizes").main(lengths=(2, 50), widths=(2,), steps=2, batch_size=2,
+                                                          noise_seeds=(), mlp_lr_scales=(0.1,), config=TINY,
+                                                          out_dir=str(tmp_path))
+    assert set(m["prefix"]) == set(m["prompt"]) == {2, 10, 50} and set(m["adapter"]) == {2, 16}
+    for P in (2, 10, 50):
+        assert m["prefix"][P]["params"] == 2 * L * P * C                 # a key and a value per layer
+        assert m["prompt"][P]["params"] == P * C
+    for w in (2, 16):
+        assert m["adapter"][w]["params"] == L * 2 * (2 * C * w + w + C)
+    H = 64                                                               # PrefixTuningConfig's encoder_hidden_size
+    assert set(m["prefix_init"]) == {"random", "real text", f"MLP, lr {0.1 * m['lrs']['prefix']:g}"}
+    mlp = m["prefix_init"][f"MLP, lr {0.1 * m['lrs']['prefix']:g}"]
+    assert mlp["params"] == 10 * C + C * H + H + H * 2 * L * C + 2 * L * C
+    assert set(m["prompt_init"]) == {"RANDOM", "SAMPLE_VOCAB", "TEXT"}
+    assert m["dropped"] == {}                                            # qa examples fit even with P = 50
+    runs = [*m["prefix"].values(), *m["prompt"].values(), *m["adapter"].values()]
+    assert all(finite(r["val_loss"]) and r["dropped"] == 0 for r in runs)
+    assert_figures(m["figures"], tmp_path, 1)
+
+
+def test_11_drops_examples_that_do_not_fit(tmp_path):
+    lesson = load_lesson("11_prefix_prompt_adapter_sizes")
+    from tinyllm.data import World
+    from tinyllm.tasks import get_task
+    from tinyllm.tokenizer import default_tokenizer
+    tok = default_tokenizer()
+    task = get_task("record", World(0, 24))
+    small, dropped = lesson.fitting(task, tok, 128 - 50)
+    assert dropped["train"] > 0 and len(small.train) + dropped["train"] == len(task.train)
+    assert all(len(p) + len(a) - 1 <= 78 for p, a in small.train + small.val + small.test)
+
+
+def test_12_data_size(tmp_path):
+    m = load_lesson("12_data_size").main(sizes=(5, None), methods=("full", "lora", "prompt"), steps=3,
+                                        batch_size=2, tail=2, config=TINY, out_dir=str(tmp_path))
+    assert m["sizes"] == [5, 180]                                        # None: all of qa's 180 training examples
+    assert set(m["results"]) == {"full", "lora", "prompt"}
+    for method, by_n in m["results"].items():
+        for n, r in by_n.items():
+            assert finite(r["val_loss"]) and finite(r["train_loss"])
+            assert r["gap"] == pytest.approx(r["val_loss"] - r["train_loss"])
+    assert m["results"]["full"][5]["params"] > m["results"]["lora"][5]["params"] > m["results"]["prompt"][5]["params"]
+    assert set(m["seed_spread"]) == {"full", "lora", "prompt"} and all(v >= 0 for v in m["seed_spread"].values())
+    assert_figures(m["figures"], tmp_path, 1)
+
+
+def test_13_is_the_update_low_rank(tmp_path):
+    m = load_lesson("13_is_the_update_low_rank").main(steps=3, batch_size=2, ranks=(1, 8, 64), n_test=10, config=TINY,
+                                                     out_dir=str(tmp_path))
+    rows = m["truncation"]
+    assert set(rows) == {0, 1, 8, "full"}                                # 64 > C is left out
+    # rebuilding the model from its pieces with the whole dW gives back the fine-tuned model's val loss
+    assert rows["full"]["val_loss"] == pytest.approx(m["full_val_loss"], rel=1e-5)
+    for name, e in m["energy_at_lora_r"].items():
+        assert 0 < e <= 1 and 0 < m["random_energy_at_lora_r"][name] <= 1 and m["directions_for_90"][name] <= C
+    assert len(m["overlap"]) == L and all(0 <= o["overlap"] <= 1 + 1e-9 for o in m["overlap"].values())
+    assert all(o["chance"] == pytest.approx(8 / C) for o in m["overlap"].values())
+    assert_figures(m["figures"], tmp_path, 2)
+
+
+def test_13_truncation_is_the_best_low_rank_approximation():
+    lesson = load_lesson("13_is_the_update_low_rank")
+    rng = np.random.default_rng(0)
+    dW = rng.standard_normal((12, 7))
+    s = np.linalg.svd(dW, compute_uv=False)
+    for r in (1, 3, 7):
+        approx = lesson.truncated(dW, r)
+        assert np.linalg.matrix_rank(approx) == r
+        assert np.linalg.norm(dW - approx) ** 2 == pytest.approx(np.sum(s[r:] ** 2))   # Eckart-Young
+    assert lesson.energy(s)[-1] == pytest.approx(1.0)
+    assert lesson.subspace_overlap(dW, dW, 3) == pytest.approx(1.0)
+
+
+def test_14_few_shot_vs_finetuning(tmp_path):
+    m = load_lesson("14_few_shot_vs_finetuning").main(max_shots=3, seeds=(0, 1), methods=("lora",), steps=2,
+                                                     batch_size=2, config=TINY, out_dir=str(tmp_path))
+    assert m["largest_k"] == {"record": 0, "qa": 2, "classify": 0}     # in 128 tokens
+    assert m["fit"]["qa"][3] == 0
+    tokens = [np.mean([r["tokens"] for r in m["prompted"][k]]) for k in (0, 1, 2)]
+    assert tokens[0] < tokens[1] < tokens[2]                             # every shot costs tokens
+    assert len(m["prompted"][0]) == 1 and len(m["prompted"][2]) == 2     # k = 0 has no shots to choose
+    lora = m["tuned"]["lora"]
+    assert lora["tokens"] == pytest.approx(tokens[0]) and lora["train_examples"] == 2 * 2
+    assert m["extra_tokens"] == pytest.approx(tokens[2] - tokens[0])
+    assert_figures(m["figures"], tmp_path, 1)
+
+
+def test_15_memory_at_scale(tmp_path):
+    m = load_lesson("15_memory_at_scale").main(check_config=dict(n_layer=1, n_head=2, n_embd=16, block_size=32),
+                                              check_batch=(2, 8), out_dir=str(tmp_path))
+    assert m["calculator_agrees"] and all(row["agree"] for row in m["check"].values())
+    assert m["gpt2_small_params"] == 124_439_808
+    assert m["trainable_gpt2_small"]["lora"] == 294_912
+    assert m["params"]["gpt2-xl"] == 1_557_611_200
+    xl = m["gib"]["gpt2-xl"]
+    assert xl["full"]["adam"] == pytest.approx(2 * xl["full"]["weights"])
+    assert all(xl[k]["total"] < xl["full"]["total"] for k in xl if k != "full")
+    assert_figures(m["figures"], tmp_path, 1)
