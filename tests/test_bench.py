@@ -46,3 +46,15 @@ def test_bench_methods_ratios_and_memory_counts():
 def test_nbytes_unique_counts_views_once():
     a = np.zeros((4, 8), np.float32)
     assert bench.nbytes_unique([a, a[:2], a.T, {"x": a}]) == a.nbytes
+
+
+def test_activation_bytes_match_the_memory_calculator():
+    """The cache holds the calculator's float activations plus a few small int arrays (ids, targets,
+    counted rows): within 2%. Counting the weights too would double the figure."""
+    from tinyllm.memory import activation_count
+    B = 2
+    rows = bench.bench_methods(TINY, B, repeats=1)
+    for name, cfg in bench.method_configs().items():
+        T = TINY.block_size - getattr(cfg, "num_virtual_tokens", 0)
+        floats = activation_count(TINY, cfg, B, T) * 4
+        assert floats <= rows[name]["activation_bytes"] <= 1.02 * floats, name

@@ -160,19 +160,28 @@ def method_configs():
 
 
 def nbytes_unique(obj, seen=None):
-    """Bytes of every distinct array reachable from a cache (tuples, lists, dicts), views counted once."""
+    """Bytes of every distinct array reachable from a cache (tuples, lists, dicts), views counted once.
+    Arrays whose id is in `seen` beforehand (pass the parameters') are not counted."""
     seen = set() if seen is None else seen
     if isinstance(obj, np.ndarray):
-        base = obj if obj.base is None else obj.base
+        base = obj
+        while isinstance(base.base, np.ndarray):   # a view of a view...: count the array that owns the memory
+            base = base.base
         if id(base) in seen or not isinstance(base, np.ndarray):
             return 0
         seen.add(id(base))
         return base.nbytes
     if isinstance(obj, dict):
-        return sum(nbytes_unique(v, seen) for k, v in obj.items() if k != "p")   # "p" holds the weights
+        return sum(nbytes_unique(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
         return sum(nbytes_unique(v, seen) for v in obj)
     return 0
+
+
+def weight_ids(pm):
+    """ids of every weight array a PeftModel's forward sees (base and adapters): not activations."""
+    arrays = list(pm.base_model.params.values()) + [a for ad in pm.adapters.values() for a in ad.values()]
+    return {id(a) for a in arrays}
 
 
 def bench_methods(config, B, repeats=5):
@@ -201,7 +210,7 @@ def bench_methods(config, B, repeats=5):
         rows[name] = {"seconds": seconds, "tokens_per_s": B * T / seconds, "trainable": trainable,
                       "weights_bytes": pm.get_nb_trainable_parameters()[1] * itemsize,
                       "grad_bytes": trainable * itemsize, "adam_bytes": opt.state_bytes(),
-                      "activation_bytes": nbytes_unique(pm._cache[0]), "peak_step_bytes": peak}
+                      "activation_bytes": nbytes_unique(pm._cache[0], weight_ids(pm)), "peak_step_bytes": peak}
     for r in rows.values():
         r["ratio_to_full"] = r["seconds"] / rows["full"]["seconds"]
     return rows

@@ -165,9 +165,11 @@ def check_writable(path):
         raise CheckpointError(f"cannot write a checkpoint at {path!r}: {folder!r} is not a writable folder")
 
 
-def load_pretrained(path):
+def load_pretrained(path, allow_unfinished=False):
     """A pretrained GPT, its tokenizer and the checkpoint's meta, from a `tinyllm pretrain` checkpoint.
 
+    A checkpoint of a run that has not finished (still running, or interrupted) is refused unless
+    allow_unfinished: fine-tuning a half-trained model by accident would make every later number wrong.
     Returns: model (tinyllm.GPT, all parameters trainable), tokenizer (CharTokenizer), meta (dict).
     """
     from .model import GPT, GPTConfig
@@ -176,6 +178,11 @@ def load_pretrained(path):
     if "config" not in meta or "tokenizer_chars" not in meta:
         raise CheckpointError(f"{path!r} is not a pretrained model checkpoint (no model config or "
                               f"tokenizer in it); make one with `python -m tinyllm pretrain`")
+    status = meta.get("history", {}).get("status", "completed")
+    if status != "completed" and not allow_unfinished:
+        raise CheckpointError(f"{path!r} is from a pretraining run that has not finished ({status} at step "
+                              f"{meta.get('step')}); finish it with `python -m tinyllm pretrain --resume {path}` "
+                              f"(or wait for the run that is writing it)")
     try:
         model = GPT(GPTConfig(**meta["config"]))
         model.load_state_dict(strip_prefix("model/", arrays))
