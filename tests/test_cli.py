@@ -140,3 +140,9 @@ def test_ctrl_c_saves_says_how_to_resume_and_the_resume_finishes(tmp_path):
     status, out, err = run(*resume.split()[3:])
     assert status == 0 and "Traceback" not in err, err
     assert f"resuming {ckpt} at step {step}" in out and load_checkpoint(ckpt)[1]["step"] == 3
+
+
+def test_bench_json_to_an_unwritable_place_fails_before_timing(tmp_path, capsys):
+    from tinyllm.__main__ import main as cli_main
+    assert cli_main(["bench", "--json", str(tmp_path / "no" / "such" / "dir" / "x.json")]) == 2
+    assert "cannot write --json" in capsys.readouterr().err

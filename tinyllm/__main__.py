@@ -81,6 +81,11 @@ def run_bench(args):
     from .bench import run
     if args.repeats < 1:
         return fail(f"--repeats must be at least 1, got {args.repeats}")
+    if args.json:
+        try:
+            open(args.json, "a").close()        # fail now, not after minutes of timing
+        except OSError as e:
+            return fail(f"cannot write --json {args.json!r}: {e.strerror}")
     results = run(configs=tuple(args.configs), repeats=args.repeats, torch_ref=not args.no_torch)
     if args.json:
         with open(args.json, "w") as f:
