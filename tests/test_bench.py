@@ -17,7 +17,7 @@ def test_train_flops_counts_each_matmul():
 
 
 def test_bench_model_and_generate_report_positive_rates():
-    r = bench.bench_model(TINY, 2, repeats=1)
+    r = bench.bench_model(TINY, 2, repeats=1, torch_ref=False)
     assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(2 * TINY.block_size / r["seconds"])
     g = bench.bench_generate(TINY, n_new=8, repeats=1)
     assert g["kv_cache_tokens_per_s"] > 0 and g["no_cache_tokens_per_s"] > 0

@@ -61,21 +61,34 @@ def random_batch(config, B, seed=0):
     return rng.integers(0, config.vocab_size, shape), rng.integers(0, config.vocab_size, shape)
 
 
-def bench_model(config, B, repeats=5):
-    """Forward+backward of the full model in float32: seconds per step, tokens/s, GFLOP/s."""
+def model_step(config, B):
+    """One forward+backward of the full model in float32, as a function to time."""
     model = GPT(config, seed=0)
     x, y = random_batch(config, B)
 
     def step():
         model.forward(x, y)
         model.backward()
-    s = median_time(step, repeats)
-    return {"seconds": s, "tokens_per_s": B * config.block_size / s,
-            "gflops": train_flops(config, B, config.block_size) / s / 1e9}
+    return step
 
 
-def bench_torch(config, B, repeats=5):
-    """The same model in PyTorch eager (float32, same threads), if torch is installed; else None."""
+def bench_model(config, B, repeats=5, torch_ref=True):
+    """tinyllm's forward+backward (and PyTorch eager's on the same model, if installed), timed in turns:
+    seconds per step, tokens/s, achieved GFLOP/s."""
+    steps = {"tinyllm": model_step(config, B)}
+    reference = torch_step(config, B) if torch_ref else None
+    if reference is not None:
+        steps["torch"] = reference
+    s = interleaved_medians(steps, repeats)
+    tokens = B * config.block_size
+    return {"seconds": s["tinyllm"], "tokens_per_s": tokens / s["tinyllm"],
+            "gflops": train_flops(config, B, config.block_size) / s["tinyllm"] / 1e9,
+            "torch_tokens_per_s": tokens / s["torch"] if "torch" in s else None}
+
+
+def torch_step(config, B):
+    """The same model's forward+backward in PyTorch eager (float32), as a function to time; None
+    without torch (it is not a requirement: only a yardstick when it happens to be installed)."""
     try:
         import torch
         import torch.nn.functional as F
@@ -106,8 +119,7 @@ def bench_torch(config, B, repeats=5):
         for p in params.values():
             p.grad = None
         forward().backward()
-    s = median_time(step, repeats)
-    return {"seconds": s, "tokens_per_s": B * config.block_size / s, "threads": torch.get_num_threads()}
+    return step
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,35 +196,50 @@ def weight_ids(pm):
     return {id(a) for a in arrays}
 
 
+def interleaved_medians(steps, repeats):
+    """Median seconds of each function in steps ({name: fn}), timed in turns (one call of each per
+    round), so that a change in the machine's load hits every method alike."""
+    for fn in steps.values():
+        fn()                                                   # warm-up
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def bench_methods(config, B, repeats=5):
-    """Per method: step seconds (forward+backward+AdamW), ratio to full, trainable params, and memory."""
+    """Per method: step seconds (forward+backward+AdamW, timed in turns with the other methods), ratio to
+    full fine-tuning, trainable parameters, and memory: weights, gradients, AdamW state, the activations
+    the forward caches for the backward, and the peak of a whole step (tracemalloc)."""
     from .peft import get_peft_model
     x, y = random_batch(config, B)
-    rows = {}
+    models, steps = {}, {}
     for name, cfg in method_configs().items():
-        base = GPT(config, seed=0)
-        pm = get_peft_model(base, cfg)
-        T = config.block_size - getattr(cfg, "num_virtual_tokens", 0)   # leave room for virtual tokens
-        xb, yb = x[:, :T], y[:, :T]
+        pm = get_peft_model(GPT(config, seed=0), cfg)
+        T = config.block_size - pm.reserved_positions                # leave room for virtual tokens
         opt = AdamW(pm.trainable_parameters(), lr=1e-4)
 
-        def step():
+        def step(pm=pm, opt=opt, xb=x[:, :T], yb=y[:, :T]):
             pm.forward(xb, yb)
             opt.step(pm.backward())
-        seconds = median_time(step, repeats)
+        models[name], steps[name] = (pm, opt, T), step
+    seconds = interleaved_medians(steps, repeats)
+    rows = {}
+    for name, (pm, opt, T) in models.items():
         tracemalloc.start()
-        step()
+        steps[name]()
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        pm.forward(xb, yb)
         trainable = sum(v.size for v in pm.trainable_parameters().values())
-        itemsize = base.dtype.itemsize
-        rows[name] = {"seconds": seconds, "tokens_per_s": B * T / seconds, "trainable": trainable,
+        itemsize = pm.base_model.dtype.itemsize
+        rows[name] = {"seconds": seconds[name], "tokens_per_s": B * T / seconds[name], "trainable": trainable,
                       "weights_bytes": pm.get_nb_trainable_parameters()[1] * itemsize,
                       "grad_bytes": trainable * itemsize, "adam_bytes": opt.state_bytes(),
-                      "activation_bytes": nbytes_unique(pm._cache[0], weight_ids(pm)), "peak_step_bytes": peak}
-    for r in rows.values():
-        r["ratio_to_full"] = r["seconds"] / rows["full"]["seconds"]
+                      "activation_bytes": nbytes_unique(pm._cache[0], weight_ids(pm)), "peak_step_bytes": peak,
+                      "ratio_to_full": seconds[name] / seconds["full"]}
     return rows
 
 
@@ -227,8 +254,8 @@ def bench_generate(config, n_new=64, B=1, repeats=3):
             logits, _, _ = gpt_forward(model.params, out[:, -config.block_size:], config)
             out = np.concatenate([out, logits[:, -1].argmax(-1)[:, None]], axis=1)
         return out
-    with_cache = median_time(lambda: model.generate(prompt, n_new, temperature=0), repeats)
-    without = median_time(no_cache, repeats)
+    t = interleaved_medians({"cache": lambda: model.generate(prompt, n_new, temperature=0), "none": no_cache}, repeats)
+    with_cache, without = t["cache"], t["none"]
     return {"kv_cache_tokens_per_s": B * n_new / with_cache, "no_cache_tokens_per_s": B * n_new / without,
             "speedup": without / with_cache}
 
@@ -247,12 +274,9 @@ def run(configs=("lesson", "wide"), repeats=5, torch_ref=True, out=print):
     out(f"{'config':8} {'tokens/s':>10} {'GFLOP/s':>8} {'% peak':>7} {'torch tok/s':>12} {'tinyllm/torch':>14}")
     for name in configs:
         config, B = CONFIGS[name]
-        r = bench_model(config, B, repeats)
-        t = bench_torch(config, B, repeats) if torch_ref else None
-        r["torch_tokens_per_s"] = None if t is None else t["tokens_per_s"]
-        results[name] = r
-        torch_cols = (f"{t['tokens_per_s']:12.0f} {r['tokens_per_s'] / t['tokens_per_s']:14.2f}" if t
-                      else f"{'(no torch)':>12} {'':>14}")
+        r = results[name] = bench_model(config, B, repeats, torch_ref)
+        t = r["torch_tokens_per_s"]
+        torch_cols = f"{t:12.0f} {r['tokens_per_s'] / t:14.2f}" if t else f"{'(no torch)':>12} {'':>14}"
         out(f"{name:8} {r['tokens_per_s']:10.0f} {r['gflops']:8.1f} {100 * r['gflops'] / results['peak_gflops']:6.1f}% {torch_cols}")
 
     config, B = CONFIGS[configs[0]]
@@ -265,7 +289,8 @@ def run(configs=("lesson", "wide"), repeats=5, torch_ref=True, out=print):
 
     methods = bench_methods(config, B, repeats)
     results["methods"] = methods
-    out(f"\ntraining step per method ({configs[0]} config, batch {B}; prefix/prompt use 10 of the positions)")
+    out(f"\ntraining step per method ({configs[0]} config, batch {B}, timed in turns; prefix/prompt use 10 of "
+        f"the positions)")
     out(f"{'method':8} {'ms/step':>8} {'x full':>7} {'trainable':>10} {'weights MiB':>11} {'grads MiB':>9} "
         f"{'AdamW MiB':>9} {'activ. MiB':>10} {'peak MiB':>8}")
     for name, r in methods.items():
