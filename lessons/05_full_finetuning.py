@@ -1,0 +1,342 @@
+"""
+Lesson 05: full fine-tuning, and what it costs.
+
+Fine-tuning is pretraining continued on other data: the same loop (lesson 04), the same AdamW, but on
+(prompt, answer) examples of one task, with the loss on the answer tokens only. The simplest way is to
+let every weight train. This lesson does that on the `record` task, a change of output format,
+
+    "fact: kim is 31 and lives in rome.\\nrecord:"  ->  " name=kim|city=rome|age=31\\n"
+
+and then measures what it costs:
+
+  1. the base model and the task: how the pretrained model does before any fine-tuning
+  2. trainable = everything: the parameter count, with its formula
+  3. training: the loss curve, and the accuracy before and after
+  4. the costs: AdamW's state (two numbers per weight), a saved file that is a full copy of the model
+     for every task, and forgetting (the corpus loss and the facts the model recalls, before and after)
+  5. a cheaper variant: train only the last k blocks (FullFineTuningConfig(last_k_blocks=k))
+
+The methods of lessons 06-08 (LoRA, prefix and prompt tuning, adapters) exist to cut these costs.
+
+Run from the repository root (2-3 minutes on 2 CPU cores, plus ~3 minutes of pretraining the first time
+if no pretrained checkpoint exists yet):
+
+    python lessons/05_full_finetuning.py
+
+Figures go to runs/lessons/05_full_finetuning/.
+
+Legend: V vocabulary, T block size (context), C channels, L blocks, k blocks trained.
+"""
+import copy
+import dataclasses
+import math
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)   # `import tinyllm` from a fresh clone, with no install step
+
+import matplotlib
+matplotlib.use("Agg")      # write image files; no window needed
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import FuncFormatter
+
+from tinyllm.checkpoint import load_pretrained
+from tinyllm.compare import LRS, record_scores
+from tinyllm.data import World
+from tinyllm.finetune import VAL_EXAMPLES, finetune, knowledge_probe, measure_base
+from tinyllm.model import GPT, GPTConfig
+from tinyllm.optim import AdamW
+from tinyllm.peft import FullFineTuningConfig, get_peft_model
+from tinyllm.tasks import get_task
+from tinyllm.tokenizer import default_tokenizer
+from tinyllm.train import PRETRAIN_DATA, pretrain
+
+OUT_DIR = os.path.join(ROOT, "runs", "lessons", "05_full_finetuning")
+CHECKPOINT = os.path.join(ROOT, "runs", "pretrain", "ckpt.npz")      # `python -m tinyllm pretrain` writes it
+LESSON_04 = os.path.join(ROOT, "runs", "lessons", "04_pretraining", "ckpt.npz")
+LR = LRS["full"]   # the learning rate tinyllm.compare measured best for full fine-tuning on this task
+
+
+def section(title):
+    print(f"\n{'-' * 100}\n{title}\n")
+
+
+def indented(line):
+    print("  " + line, flush=True)
+
+
+def mb(n_bytes):
+    return f"{n_bytes / 1e6:.2f} MB"
+
+
+def load_base(checkpoint, config, seed):
+    """The model to fine-tune, its tokenizer, the settings of its pretraining corpus, and where it came from.
+
+    config: GPTConfig fields of a new, randomly initialised model instead (tests use a tiny one).
+    Otherwise the checkpoint (by default runs/pretrain/ckpt.npz, or lesson 04's if only that one exists);
+    when there is none, tinyllm.train.pretrain makes it first.
+    """
+    if config is not None:
+        tok = default_tokenizer()
+        model = GPT(GPTConfig(**{"vocab_size": tok.vocab_size, **config}), seed=seed)
+        return model, tok, dict(PRETRAIN_DATA), "a new, RANDOMLY INITIALISED GPT (not pretrained)"
+    if checkpoint == CHECKPOINT and not os.path.exists(CHECKPOINT) and os.path.exists(LESSON_04):
+        checkpoint = LESSON_04
+    if not os.path.exists(checkpoint):
+        print(f"No pretrained model at {os.path.relpath(checkpoint)} yet: pretraining one first "
+              f"(tinyllm.train.pretrain, a few minutes).")
+        pretrain(out=checkpoint, echo=indented)
+    model, tok, meta = load_pretrained(checkpoint)
+    return model, tok, meta["data"], f"pretrained, from {os.path.relpath(checkpoint)}"
+
+
+def gpt2_count(config, k=None):
+    """GPT-2's parameter count as a formula, and its value: all of it, or the last k blocks and ln_f.
+
+    A block has ln_1 (2C), c_attn (C*3C + 3C), attn.c_proj (C*C + C), ln_2 (2C), mlp.c_fc (C*4C + 4C)
+    and mlp.c_proj (4C*C + C): 12C^2 + 13C in all.
+    """
+    V, T, C, L = config.vocab_size, config.block_size, config.n_embd, config.n_layer
+    block = 12 * C * C + 13 * C
+    if k is None:
+        return (f"V*C + T*C + L*(12C^2 + 13C) + 2C = {V}*{C} + {T}*{C} + {L}*(12*{C}^2 + 13*{C}) + 2*{C}",
+                V * C + T * C + L * block + 2 * C)
+    return f"k*(12C^2 + 13C) + 2C = {k}*(12*{C}^2 + 13*{C}) + 2*{C}", k * block + 2 * C
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. the base model and the task
+
+def show_task(model, tok, task, before, source):
+    section("1. the base model and the task")
+    c = model.config
+    print(f"The base: {source}; {c.n_layer} blocks, C = {c.n_embd}, {model.num_parameters():,} parameters.")
+    print(f"The task: {task.name}, {len(task.train)} training, {len(task.val)} validation and {len(task.test)} "
+          f"test examples. One of them:")
+    prompt, answer = task.train[0]
+    print(f"  prompt {prompt!r}\n  answer {answer!r}")
+    print("The loss counts the answer tokens only; the prompt is given, not predicted.")
+    print(f"\nBefore fine-tuning, greedy decoding gets {before['accuracy']:.1%} of the test answers exactly right.")
+    print(f"What the base writes after {task.test[0][0]!r}:\n  {before['predictions'][0]!r}")
+    k = before["knowledge"]
+    print(f"What it knows from pretraining: corpus loss {k['corpus_loss']:.3f} nats per character, "
+          f"fact recall {k['fact_recall']:.1%} (lesson 04).")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. trainable = everything
+
+def show_trainable(base, method_config):
+    """Wrap a copy of the base with the method, as finetune() does, and count what trains."""
+    pm = get_peft_model(copy.deepcopy(base), method_config)
+    pm.print_trainable_parameters()
+    print(pm.formula())
+    trainable = pm.trainable_parameters()
+    text, n = gpt2_count(base.config, method_config.last_k_blocks)
+    counted = sum(v.size for v in trainable.values())
+    print(f"  by hand: {text} = {n:,} ({'equal to' if n == counted else 'NOT equal to'} the {counted:,} counted)")
+    weight_bytes = sum(v.nbytes for v in trainable.values())
+    state_bytes = AdamW(trainable).state_bytes()
+    print(f"  training memory: the trained weights {mb(weight_bytes)}, their gradients {mb(weight_bytes)}, "
+          f"AdamW's m and v {mb(state_bytes)} ({state_bytes / weight_bytes:.0f}x the weights)")
+    return dict(trainable=counted, formula_count=n, weight_bytes=weight_bytes, adamw_state_bytes=state_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. training, 4. the costs
+
+def show_run(r, task, before):
+    h = r["history"]
+    print(f"\nValidation loss per answer token: {h['val_loss'][0]:.3f} before, {h['val_loss'][-1]:.3f} after "
+          f"{r['steps']} steps ({r['train_seconds']:.0f} s of training, {1000 * r['seconds_per_step']:.0f} ms a step).")
+    print("A few test prompts, with what the model writes before and after:")
+    for i in range(3):
+        prompt, answer = task.test[i]
+        print(f"  {prompt!r}\n    truth  {answer!r}\n    before {before['predictions'][i]!r}\n"
+              f"    after  {r['predictions_after'][i]!r}")
+    answers = [a for _, a in task.test]
+    parts = {"before": record_scores(before["predictions"], answers),
+             "after": record_scores(r["predictions_after"], answers)}
+    print(f"\nOn the {len(answers)} test prompts, scored by tinyllm.compare.record_scores:")
+    print(f"{'':<8} {'in the record format':>21} {'fields right (name=, city=...)':>32} "
+          f"{'whole answer right (accuracy)':>31}")
+    for when, acc in (("before", r["accuracy_before"]), ("after", r["accuracy_after"])):
+        print(f"{when:<8} {parts[when]['format_rate']:>21.1%} {parts[when]['field_accuracy']:>32.1%} {acc:>31.1%}")
+    print("(An answer counts as right only when every character is: one wrong field makes it wrong.)")
+    return parts
+
+
+def show_costs(r, counts, vocab_size):
+    section("4. what it costs")
+    print(f"Memory while training: AdamW keeps m and v for every trained weight, "
+          f"{mb(r['optimizer_state_bytes'])} here, twice the {mb(counts['weight_bytes'])} of the weights themselves.")
+    print(f"Storage: save_pretrained wrote {mb(r['saved_bytes'])}; a full copy of the model is "
+          f"{mb(r['full_copy_bytes'])} (ratio {r['saved_bytes'] / r['full_copy_bytes']:.3f}).")
+    print(f"  So every task is a whole model: 10 tasks fine-tuned this way take {mb(10 * r['saved_bytes'])}.")
+    kb, ka = r["knowledge_before"], r["knowledge_after"]
+    print("Forgetting: the weights that held the pretraining knowledge were free to move.")
+    print(f"  corpus loss   {kb['corpus_loss']:.3f} -> {ka['corpus_loss']:.3f} nats per character "
+          f"({ka['corpus_loss'] - kb['corpus_loss']:+.3f}; guessing uniformly scores ln({vocab_size}) = "
+          f"{math.log(vocab_size):.3f})")
+    print(f"  fact recall   {kb['fact_recall']:.1%} -> {ka['fact_recall']:.1%} "
+          f"({100 * (ka['fact_recall'] - kb['fact_recall']):+.1f} points)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# figures
+
+def log_loss_axis(ax):
+    """A log-scale loss axis labelled in plain numbers: 0.2, 0.5, 1, 2, 5 (every tick when the range is narrow)."""
+    ax.set_yscale("log")
+
+    def label(v, _):
+        lo, hi = ax.get_ylim()
+        mantissa = round(v / 10 ** np.floor(np.log10(v)), 6)
+        return f"{v:g}" if hi / lo < 10 or mantissa in (1, 2, 5) else ""
+    ax.yaxis.set_major_formatter(FuncFormatter(label))
+    ax.yaxis.set_minor_formatter(FuncFormatter(label))
+
+
+def smooth(values, window):
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    c = np.cumsum(np.insert(np.asarray(values, np.float64), 0, 0.0))
+    n = np.minimum(np.arange(1, len(values) + 1), window)
+    return (c[1:] - c[np.arange(1, len(values) + 1) - n]) / n
+
+
+def plot_losses(runs, path):
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for (label, r), color in zip(runs.items(), ("tab:blue", "tab:orange")):
+        h = r["history"]
+        ax.plot(h["step"], smooth(h["train_loss"], 10), color=color, lw=1.5,
+                label=f"{label}: train loss (mean of the last 10 steps)")
+        ax.plot(h["val_step"], h["val_loss"], "o--", color=color, lw=1.5, label=f"{label}: validation loss")
+    log_loss_axis(ax)
+    ax.set_xlabel(f"step (batches of {r['batch_size']} examples)")
+    ax.set_ylabel("loss per answer token (nats, log scale)")
+    ax.set_title(f"Full fine-tuning on the {r['task']} task")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_costs(runs, path):
+    labels = list(runs)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    x = np.arange(len(labels))
+    ax = axes[0]
+    state = [runs[k]["optimizer_state_bytes"] / 1e6 for k in labels]
+    saved = [runs[k]["saved_bytes"] / 1e6 for k in labels]
+    bars = ax.bar(x - 0.2, state, 0.4, color="tab:purple", label="AdamW state (m and v) while training")
+    ax.bar_label(bars, fmt="%.2f MB", fontsize=9)
+    bars = ax.bar(x + 0.2, saved, 0.4, color="tab:gray", label="file written by save_pretrained")
+    ax.bar_label(bars, fmt="%.2f MB", fontsize=9)
+    ax.axhline(runs[labels[0]]["full_copy_bytes"] / 1e6, color="black", ls="--", label="a full copy of the model")
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels)
+    ax.set_ylabel("megabytes (MB)")
+    ax.set_title("Memory and storage per task")
+    ax.legend(fontsize=9)
+    ax = axes[1]
+    before = [100 * runs[k]["knowledge_before"]["fact_recall"] for k in labels]
+    after = [100 * runs[k]["knowledge_after"]["fact_recall"] for k in labels]
+    bars = ax.bar(x - 0.2, before, 0.4, color="tab:green", label="before fine-tuning")
+    ax.bar_label(bars, fmt="%.1f%%", fontsize=9)
+    bars = ax.bar(x + 0.2, after, 0.4, color="tab:red", label="after fine-tuning")
+    ax.bar_label(bars, fmt="%.1f%%", fontsize=9)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels)
+    ax.set_ylabel("pretraining facts recalled exactly (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Forgetting: fact recall before and after")
+    ax.legend(fontsize=9)
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(steps=600, lr=LR, batch_size=8, last_k_blocks=1, checkpoint=CHECKPOINT, config=None, n_test=None,
+         n_val=VAL_EXAMPLES, seed=0, out_dir=OUT_DIR):
+    """Run the lesson.
+
+    steps, lr, batch_size: each fine-tuning run's; last_k_blocks: the variant's k; checkpoint: the
+    pretrained model (made if missing); config: GPTConfig fields of a random model to use instead (for
+    tests); n_test: score only the first n test examples (None: all); n_val: validation examples in the
+    validation loss.
+    Returns a dict of what it measured (and the paths of its figures).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    base, tok, data, source = load_base(checkpoint, config, seed)
+    task = get_task("record", World(data["world_seed"], data["n_people"]))
+    if n_test is not None:
+        task = dataclasses.replace(task, test=task.test[:n_test])
+    probe = knowledge_probe(data, tok, base.config.block_size)
+    before = measure_base(base, tok, task, probe)      # the same for every run: measured once
+    show_task(base, tok, task, before, source)
+
+    section("2. trainable = everything")
+    print("model = copy.deepcopy(base); pm = get_peft_model(model, FullFineTuningConfig()):")
+    full_counts = show_trainable(base, FullFineTuningConfig())
+
+    section("3. training")
+    print(f"tinyllm.finetune.finetune makes the same PeftModel on its own copy of the base and trains it with")
+    print(f"the loop of lesson 04 (tinyllm.train.train): {steps} steps of {batch_size} examples, AdamW at lr {lr:g}")
+    print("(warmup, then cosine decay), no weight decay. Its progress lines:\n")
+    run = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, n_val=n_val, probe=probe, before=before,
+               eval_interval=max(1, steps // 6), log_interval=max(1, steps // 6), out=indented)
+    full = finetune(base, tok, FullFineTuningConfig(), task, save_dir=os.path.join(out_dir, f"full_{task.name}"), **run)
+    parts = show_run(full, task, before)
+    show_costs(full, full_counts, base.config.vocab_size)
+
+    last_label = f"last {last_k_blocks} block{'s' if last_k_blocks > 1 else ''}"
+    section(f"5. a cheaper variant: only the {last_label} train{'' if last_k_blocks > 1 else 's'}")
+    print(f"pm = get_peft_model(model, FullFineTuningConfig(last_k_blocks={last_k_blocks})): the blocks below, "
+          f"the embeddings and the LM head (tied to wte) stay frozen.")
+    last_counts = show_trainable(base, FullFineTuningConfig(last_k_blocks=last_k_blocks))
+    print()
+    last = finetune(base, tok, FullFineTuningConfig(last_k_blocks=last_k_blocks), task, **run)
+    runs = {"all weights": full, last_label: last}
+    print(f"\n{'':<18} {'trainable':>10} {'AdamW state':>12} {'saved file':>11} {'val loss':>9} {'accuracy':>9} "
+          f"{'corpus loss':>12} {'fact recall':>12}")
+    for label, r in runs.items():
+        print(f"{label:<18} {r['trainable_params']:>10,} {mb(r['optimizer_state_bytes']):>12} "
+              f"{mb(r['saved_bytes']):>11} {r['final_val_loss']:>9.3f} {r['accuracy_after']:>9.1%} "
+              f"{r['knowledge_after']['corpus_loss']:>12.3f} {r['knowledge_after']['fact_recall']:>12.1%}")
+    print(f"{'(before)':<18} {'':>10} {'':>12} {'':>11} {full['history']['val_loss'][0]:>9.3f} "
+          f"{before['accuracy']:>9.1%} {before['knowledge']['corpus_loss']:>12.3f} "
+          f"{before['knowledge']['fact_recall']:>12.1%}")
+    print(f"\nThe variant saves only what it trained ({mb(last['saved_bytes'])}), but it still needs the base "
+          f"to run, and its trained block is still a full block: {last['trainable_params']:,} numbers.")
+
+    section("figures")
+    loss_path = os.path.join(out_dir, "loss_curves.png")
+    costs_path = os.path.join(out_dir, "costs.png")
+    plot_losses(runs, loss_path)
+    plot_costs(runs, costs_path)
+    print(f"saved {os.path.relpath(loss_path)}: train and validation loss of both runs")
+    print(f"saved {os.path.relpath(costs_path)}: bytes per task, and fact recall before and after")
+    return dict(pretrained=config is None, task=task.name, steps=steps,
+                trainable_params=full["trainable_params"], total_params=base.num_parameters(),
+                formula_count=full_counts["formula_count"], weight_bytes=full_counts["weight_bytes"],
+                optimizer_state_bytes=full["optimizer_state_bytes"], saved_bytes=full["saved_bytes"],
+                full_copy_bytes=full["full_copy_bytes"], val_loss_before=full["history"]["val_loss"][0],
+                val_loss_after=full["final_val_loss"], train_loss_first=full["history"]["train_loss"][0],
+                accuracy_before=before["accuracy"], accuracy_after=full["accuracy_after"], record_parts=parts,
+                knowledge_before=before["knowledge"], knowledge_after=full["knowledge_after"],
+                last_k_blocks=last_k_blocks, last_k_trainable_params=last["trainable_params"],
+                last_k_formula_count=last_counts["formula_count"], last_k_saved_bytes=last["saved_bytes"],
+                last_k_optimizer_state_bytes=last["optimizer_state_bytes"],
+                last_k_val_loss_after=last["final_val_loss"], last_k_accuracy_after=last["accuracy_after"],
+                last_k_knowledge_after=last["knowledge_after"], figures=[loss_path, costs_path])
+
+
+if __name__ == "__main__":
+    main()
