@@ -572,3 +572,18 @@ def test_generate_with_disabled_adapter_is_the_base_model():
     assert not np.array_equal(pm.generate(idx, 15, temperature=1.0, seed=3), expected)
     with pm.disable_adapter():
         assert np.array_equal(pm.generate(idx, 15, temperature=1.0, seed=3), expected)
+
+
+def test_unmerge_restores_the_base_bit_for_bit_so_its_adapters_still_load(tmp_path):
+    from tinyllm import GPT, GPTConfig
+    from tinyllm.peft import LoraConfig, PeftModel, get_peft_model
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
+    base = GPT(cfg, seed=3)
+    before = base.state_dict()
+    pm = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn.q", "c_attn.v", "c_fc"], init_lora_weights=False))
+    pm.merge_adapter()
+    assert not np.array_equal(base.params["h.0.attn.c_attn.weight"], before["h.0.attn.c_attn.weight"])
+    pm.unmerge_adapter()
+    assert all(np.array_equal(base.params[k], before[k]) for k in before)
+    pm.save_pretrained(tmp_path)
+    PeftModel.from_pretrained(base, tmp_path)    # the fingerprint still matches

@@ -51,6 +51,8 @@ def find_targets(config, model_config):
         targets = [n for n in targets if int(n.split(".")[1]) in config.layers_to_transform]
         if not targets:
             raise ValueError("LoraConfig.layers_to_transform leaves no target module")
+    order = list(module_shapes(model_config))
+    targets = sorted(targets, key=order.index)          # the model's order, whatever the config's
     if any(n.endswith("c_attn") for n in targets) and any(".c_attn." in n for n in targets):
         raise ValueError("LoraConfig.target_modules: choose either 'c_attn' or its slices 'c_attn.q|k|v', not both")
     shapes = module_shapes(model_config)
@@ -91,6 +93,12 @@ def bias_names(config, adapter, base_params):
         return [k for k in base_params if k.endswith(".bias")
                 and (k[:-len(".bias")] in modules or any(m.startswith(k[:-len(".bias")] + ".") for m in modules))]
     return []
+
+
+def merged_weights(adapter):
+    """The base weight names a merge of this adapter changes (a sliced c_attn's once)."""
+    modules = [k[:-len(".lora_A")] for k in adapter if k.endswith(".lora_A")]
+    return sorted({(m[:-2] if m[-2:] in (".q", ".k", ".v") else m) + ".weight" for m in modules})
 
 
 def merge(base_params, adapter, scale, sign=1.0):

@@ -68,6 +68,7 @@ class PeftModel:
         self.training = True                  # LoRA dropout is on only while training, as in torch
         self._disabled = False
         self._merged = set()                  # LoRA adapters currently folded into the base weights
+        self._premerge = {}                   # their base weights from before the merge, for unmerge
         self._cache = None
         self._rng = np.random.default_rng(seed)   # initialisation, then LoRA dropout masks
         self._tokenizer = tokenizer
@@ -292,17 +293,21 @@ class PeftModel:
             raise ValueError(f"{what} applies to LoRA adapters; the active adapter is {type(self.active_peft_config).__name__}")
 
     def merge_adapter(self):
-        """Fold the active LoRA into the base weights, W <- W + scale * A @ B: no extra cost at inference."""
+        """Fold the active LoRA into the base weights, W <- W + scale * A @ B: no extra cost at inference.
+        The weights it changes are kept, so unmerge_adapter restores them bit for bit."""
         self._lora_only("merge_adapter")
         if self.active_adapter not in self._merged:
-            lora_method.merge(self.base_model.params, self.adapters[self.active_adapter], self.active_peft_config.scale)
+            adapter, base = self.adapters[self.active_adapter], self.base_model.params
+            self._premerge[self.active_adapter] = {k: base[k].copy() for k in lora_method.merged_weights(adapter)}
+            lora_method.merge(base, adapter, self.active_peft_config.scale)
             self._merged.add(self.active_adapter)
 
     def unmerge_adapter(self):
-        """Undo merge_adapter (exact up to float rounding)."""
+        """Undo merge_adapter exactly: the base weights get back their values from before the merge."""
         self._lora_only("unmerge_adapter")
         if self.active_adapter in self._merged:
-            lora_method.merge(self.base_model.params, self.adapters[self.active_adapter], self.active_peft_config.scale, -1.0)
+            for k, w in self._premerge.pop(self.active_adapter).items():
+                self.base_model.params[k][...] = w
             self._merged.discard(self.active_adapter)
 
     def merge_and_unload(self):
