@@ -42,15 +42,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter
 
-from tinyllm.checkpoint import load_checkpoint, load_pretrained
+from tinyllm.checkpoint import load_checkpoint
 from tinyllm.compare import LRS
 from tinyllm.data import World
 from tinyllm.finetune import VAL_EXAMPLES, finetune, full_copy_bytes, measure_base, saved_bytes, val_loss_fn
-from tinyllm.model import GPT, GPTConfig, gpt_forward
+from tinyllm.model import gpt_forward
 from tinyllm.peft import PeftModel, PrefixTuningConfig, get_peft_model
 from tinyllm.tasks import get_task
-from tinyllm.tokenizer import default_tokenizer
-from tinyllm.train import PRETRAIN_DATA, pretrain
+from tinyllm.train import load_base as train_load_base
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "07_prefix_tuning")
 CHECKPOINT = os.path.join(ROOT, "runs", "pretrain", "ckpt.npz")      # `python -m tinyllm pretrain` writes it
@@ -67,25 +66,10 @@ def indented(line):
     print("  " + line, flush=True)
 
 
-def load_base(checkpoint, config, seed):
-    """The model to fine-tune, its tokenizer, the settings of its pretraining corpus, and where it came from.
-
-    config: GPTConfig fields of a new, randomly initialised model instead (tests use a tiny one).
-    Otherwise the checkpoint (by default runs/pretrain/ckpt.npz, or lesson 04's if only that one exists);
-    when there is none, tinyllm.train.pretrain makes it first.
-    """
-    if config is not None:
-        tok = default_tokenizer()
-        model = GPT(GPTConfig(**{"vocab_size": tok.vocab_size, **config}), seed=seed)
-        return model, tok, dict(PRETRAIN_DATA), "a new, RANDOMLY INITIALISED GPT (not pretrained)"
-    if checkpoint == CHECKPOINT and not os.path.exists(CHECKPOINT) and os.path.exists(LESSON_04):
-        checkpoint = LESSON_04
-    if not os.path.exists(checkpoint):
-        print(f"No pretrained model at {os.path.relpath(checkpoint)} yet: pretraining one first "
-              f"(tinyllm.train.pretrain, a few minutes).")
-        pretrain(out=checkpoint, echo=indented)
-    model, tok, meta = load_pretrained(checkpoint)
-    return model, tok, meta["data"], f"pretrained, from {os.path.relpath(checkpoint)}"
+def load_base(checkpoint, config, seed=0):
+    """The base model, its tokenizer, its corpus settings and where it came from: the checkpoint (or lesson
+    04's, or a new pretraining run), or with config a new random GPT of that size (the tests' tiny one)."""
+    return train_load_base(checkpoint, config, seed, fallback=LESSON_04, echo=indented)
 
 
 def same_length_prompts(tok, examples, n):

@@ -37,15 +37,12 @@ matplotlib.use("Agg")      # write image files; no window needed
 import matplotlib.pyplot as plt
 import numpy as np
 
-from tinyllm.checkpoint import load_pretrained
 from tinyllm.compare import LRS
 from tinyllm.data import World
 from tinyllm.finetune import finetune, measure_base
-from tinyllm.model import GPT, GPTConfig
 from tinyllm.peft import AdapterConfig, PrefixTuningConfig, PromptTuningConfig
 from tinyllm.tasks import get_task
-from tinyllm.tokenizer import default_tokenizer
-from tinyllm.train import PRETRAIN_DATA, pretrain
+from tinyllm.train import load_base as train_load_base
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "11_prefix_prompt_adapter_sizes")
 CHECKPOINT = os.path.join(ROOT, "runs", "pretrain", "ckpt.npz")
@@ -63,25 +60,9 @@ def indented(line):
 
 
 def load_base(checkpoint, config, seed=0):
-    """The model to fine-tune, its tokenizer, the settings of its pretraining corpus, and where it came from.
-
-    config: GPTConfig fields of a new, randomly initialised model instead (tests use a tiny one).
-    Otherwise the checkpoint (by default runs/pretrain/ckpt.npz, or lesson 04's if only that one exists);
-    when there is none, tinyllm.train.pretrain makes it first.
-    """
-    if config is not None:
-        tok = default_tokenizer()
-        model = GPT(GPTConfig(**{"vocab_size": tok.vocab_size, **config}), seed=seed)
-        return model, tok, dict(PRETRAIN_DATA), "a new, RANDOMLY INITIALISED GPT (not pretrained)"
-    if checkpoint == CHECKPOINT and not os.path.exists(CHECKPOINT) and os.path.exists(LESSON_04):
-        checkpoint = LESSON_04
-    if not os.path.exists(checkpoint):
-        print(f"No pretrained model at {os.path.relpath(checkpoint)} yet: pretraining one first "
-              f"(tinyllm.train.pretrain, a few minutes; later lessons reuse it).")
-        pretrain(out=checkpoint, echo=indented)
-    model, tok, meta = load_pretrained(checkpoint)
-    status = meta.get("history", {}).get("status", "unknown")   # a run still going writes checkpoints too
-    return model, tok, meta["data"], f"pretrained, from {os.path.relpath(checkpoint)} (step {meta.get('step')}, {status})"
+    """The base model, its tokenizer, its corpus settings and where it came from: the checkpoint (or lesson
+    04's, or a new pretraining run), or with config a new random GPT of that size (the tests' tiny one)."""
+    return train_load_base(checkpoint, config, seed, fallback=LESSON_04, echo=indented)
 
 
 def fitting(task, tok, room):

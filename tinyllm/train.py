@@ -370,3 +370,26 @@ def pretrain(out=PRETRAIN_OUT, steps=None, batch_size=None, lr=None, seed=None, 
     for s in result["samples"]:
         echo(f"  {s}")
     return result
+
+
+def load_base(checkpoint, config=None, seed=0, fallback=None, echo=default_out):
+    """The model a lesson fine-tunes, its tokenizer, its pretraining corpus settings, and where it came from.
+
+    config: GPTConfig fields of a new, randomly initialised model instead (tests use a tiny one).
+    Otherwise the checkpoint, or `fallback` when only that one exists (lesson 04 writes its own); when
+    neither exists, pretrain() makes the checkpoint first.
+    Returns: model, tokenizer, data settings (dict), a one-line description of the model's origin.
+    """
+    from .checkpoint import load_pretrained
+    if config is not None:
+        tok = default_tokenizer()
+        model = GPT(GPTConfig(**{"vocab_size": tok.vocab_size, **config}), seed=seed)
+        return model, tok, dict(PRETRAIN_DATA), "a new, RANDOMLY INITIALISED GPT (not pretrained)"
+    if not os.path.exists(checkpoint) and fallback and os.path.exists(fallback):
+        checkpoint = fallback
+    if not os.path.exists(checkpoint):
+        echo(f"No pretrained model at {os.path.relpath(checkpoint)} yet: pretraining one first "
+             f"(tinyllm.train.pretrain, a few minutes; later lessons reuse it).")
+        pretrain(out=checkpoint, echo=echo)
+    model, tok, meta = load_pretrained(checkpoint)
+    return model, tok, meta["data"], f"pretrained, from {os.path.relpath(checkpoint)} (step {meta.get('step')})"

@@ -7,7 +7,7 @@ room in the context? does the target module exist?) run in get_peft_model.
 """
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import List, Optional, Union
 
 
