@@ -35,6 +35,7 @@ matplotlib.use("Agg")      # write image files; no window needed
 import matplotlib.pyplot as plt
 import numpy as np
 
+from tinyllm.plots import smooth
 from tinyllm.data import ATTRIBUTES, World, fact_recall_examples, make_corpus
 from tinyllm.model import GPTConfig
 from tinyllm.tasks import evaluate
@@ -82,13 +83,6 @@ def show_recipe(steps, batch_size, quick, resume):
 def val_tokens(history):
     """Tokens seen at each validation: history['tokens'][s - 1] after step s, 0 before the first."""
     return [history["tokens"][s - 1] if s > 0 else 0 for s in history["val_step"]]
-
-
-def smooth(values, window):
-    """Mean of the last `window` values at each point (fewer at the start)."""
-    c = np.cumsum(np.insert(np.asarray(values, np.float64), 0, 0.0))
-    n = np.minimum(np.arange(1, len(values) + 1), window)
-    return (c[1:] - c[np.arange(1, len(values) + 1) - n]) / n
 
 
 def show_curve(history, baseline, V):

@@ -40,8 +40,8 @@ import matplotlib
 matplotlib.use("Agg")      # write image files; no window needed
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import FuncFormatter
 
+from tinyllm.plots import log_loss_axis, smooth
 from tinyllm.checkpoint import load_checkpoint
 from tinyllm.compare import LRS
 from tinyllm.data import World
@@ -175,25 +175,6 @@ def show_generation(loaded, base, tok, task):
 
 # ----------------------------------------------------------------------------------------------------
 # figures
-
-def log_loss_axis(ax):
-    """A log-scale loss axis labelled in plain numbers: 0.2, 0.5, 1, 2, 5 (every tick when the range is narrow)."""
-    ax.set_yscale("log")
-
-    def label(v, _):
-        lo, hi = ax.get_ylim()
-        mantissa = round(v / 10 ** np.floor(np.log10(v)), 6)
-        return f"{v:g}" if hi / lo < 10 or mantissa in (1, 2, 5) else ""
-    ax.yaxis.set_major_formatter(FuncFormatter(label))
-    ax.yaxis.set_minor_formatter(FuncFormatter(label))
-
-
-def smooth(values, window):
-    """Mean of the last `window` values at each point (fewer at the start)."""
-    c = np.cumsum(np.insert(np.asarray(values, np.float64), 0, 0.0))
-    n = np.minimum(np.arange(1, len(values) + 1), window)
-    return (c[1:] - c[np.arange(1, len(values) + 1) - n]) / n
-
 
 def plot_curves(ax, runs, title):
     for (label, r), color in zip(runs.items(), ("tab:blue", "tab:orange", "tab:green")):

@@ -3,31 +3,11 @@ Lessons 01-04 run end to end with tiny configs (a learner runs the defaults). Ea
 numbers the lesson's main() returns, in ways that fail when the lesson or the library breaks, and checks
 that its figures are real PNG files. Outputs go to pytest's tmp_path, never to runs/.
 """
-import importlib.util
 import math
 import os
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def load_lesson(name):
-    """Import lessons/<name>.py by path: its file name starts with a digit, so `import` cannot."""
-    spec = importlib.util.spec_from_file_location(f"lesson_{name}", os.path.join(ROOT, "lessons", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def assert_figures(paths, out_dir, n):
-    assert len(paths) == n
-    for path in paths:
-        assert os.path.dirname(path) == str(out_dir), f"{path} was not written to out_dir"
-        with open(path, "rb") as f:
-            assert f.read(8) == PNG_MAGIC, f"{path} is not a PNG file"
-        assert os.path.getsize(path) > 10_000, f"{path} is suspiciously small: an empty figure?"
+from lesson_helpers import assert_figures, load_lesson
 
 
 def test_01_tokens_and_embeddings(tmp_path):

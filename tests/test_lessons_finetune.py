@@ -5,34 +5,14 @@ returns: the exact identities each lesson demonstrates (a no-op start, a prefix 
 merge that changes nothing), the sizes it prints with their formulas, and that training lowered the loss.
 Outputs go to pytest's tmp_path, never to runs/.
 """
-import importlib.util
-import os
 
 import pytest
+from lesson_helpers import assert_figures, load_lesson
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = dict(n_layer=2, n_head=2, n_embd=32)      # C = 32, L = 2: ~32k parameters, a second or two per lesson
 C, L = TINY["n_embd"], TINY["n_layer"]
 GPT_PARAMS = 64 * C + 128 * C + L * (12 * C * C + 13 * C) + 2 * C   # V*C + T*C + L*(12C^2 + 13C) + 2C
 RUN = dict(config=TINY, n_test=4, n_val=8)       # a random model (no checkpoint needed), 4 test, 8 val examples
-
-
-def load_lesson(name):
-    """Import lessons/<name>.py by path: its file name starts with a digit, so `import` cannot."""
-    spec = importlib.util.spec_from_file_location(f"lesson_{name}", os.path.join(ROOT, "lessons", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def assert_figures(paths, out_dir, n):
-    assert len(paths) == n
-    for path in paths:
-        assert os.path.dirname(path) == str(out_dir), f"{path} was not written to out_dir"
-        with open(path, "rb") as f:
-            assert f.read(8) == PNG_MAGIC, f"{path} is not a PNG file"
-        assert os.path.getsize(path) > 10_000, f"{path} is suspiciously small: an empty figure?"
 
 
 def test_05_full_finetuning(tmp_path):

@@ -4,34 +4,14 @@ steps; a learner runs the defaults. The assertions check the numbers each main()
 they must be (parameter counts, consistency between two ways of computing one thing), and that the
 figures are real PNG files. Outputs go to pytest's tmp_path, never to runs/.
 """
-import importlib.util
 import math
-import os
 
 import numpy as np
 import pytest
+from lesson_helpers import assert_figures, load_lesson
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = dict(n_layer=1, n_head=2, n_embd=32)       # block_size stays 128: the tasks' examples must fit
 C, L = TINY["n_embd"], TINY["n_layer"]
-
-
-def load_lesson(name):
-    """Import lessons/<name>.py by path: its file name starts with a digit, so `import` cannot."""
-    spec = importlib.util.spec_from_file_location(f"lesson_{name}", os.path.join(ROOT, "lessons", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def assert_figures(paths, out_dir, n):
-    assert len(paths) == n
-    for path in paths:
-        assert os.path.dirname(path) == str(out_dir), f"{path} was not written to out_dir"
-        with open(path, "rb") as f:
-            assert f.read(8) == PNG_MAGIC, f"{path} is not a PNG file"
-        assert os.path.getsize(path) > 10_000, f"{path} is suspiciously small: an empty figure?"
 
 
 def finite(x):
