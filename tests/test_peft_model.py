@@ -18,49 +18,12 @@ from tinyllm.layers import IGNORE_INDEX
 from tinyllm.model import GPT, GPTConfig, param_shapes
 from tinyllm.peft import (AdapterConfig, FullFineTuningConfig, LoraConfig, PeftModel, PrefixTuningConfig,
                           PromptTuningConfig, get_peft_model)
+from peft_helpers import CFG, METHODS, make_base, make_peft
 
 EXACT = 1e-12
-CFG = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16)
 V, T_MAX, C, L = CFG.vocab_size, CFG.block_size, CFG.n_embd, CFG.n_layer
-P = 3    # virtual tokens of the prefix and prompt configs below
-
-METHODS = {
-    "lora c_attn": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False),
-    "lora all linears bias=all": lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"],
-                                                    bias="all", init_lora_weights=False),
-    "lora all linears bias=lora_only": lambda: LoraConfig(r=2, lora_alpha=4, bias="lora_only",
-                                                          target_modules=["c_attn", "c_proj", "c_fc"],
-                                                          init_lora_weights=False),
-    "lora q,v slices": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn.q", "c_attn.v"],
-                                          init_lora_weights=False),
-    "lora rslora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], use_rslora=True,
-                                      init_lora_weights=False),
-    "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=P),
-    "prefix projection": lambda: PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=True,
-                                                    encoder_hidden_size=8),
-    "prompt": lambda: PromptTuningConfig(num_virtual_tokens=P),
-    "adapters": lambda: AdapterConfig(bottleneck_size=4),
-    "full": lambda: FullFineTuningConfig(),
-    "full last_k_blocks=1": lambda: FullFineTuningConfig(last_k_blocks=1),
-}
+P = 3    # virtual tokens of the prefix and prompt configs in METHODS
 PEFT_METHODS = [m for m in METHODS if not m.startswith("full")]
-
-
-def make_base(seed=0, config=CFG):
-    model = GPT(config, seed=seed, dtype=np.float64)
-    rng = np.random.default_rng(1000 + seed)
-    for v in model.params.values():
-        v += rng.normal(0.0, 0.1, v.shape)
-    return model
-
-
-def make_peft(method, base=None, seed=0):
-    pm = get_peft_model(make_base() if base is None else base, METHODS[method]())
-    rng = np.random.default_rng(2000 + seed)
-    for v in pm.adapters[pm.active_adapter].values():
-        v += rng.normal(0.0, 0.1, v.shape)
-    return pm
-
 
 def make_batch(B=2, T=6, seed=0):
     rng = np.random.default_rng(100 + seed)
