@@ -54,27 +54,30 @@ def layernorm_forward(x, w, b, eps=1e-5):
     Returns: out (...,C), cache.
     """
     mean = x.mean(axis=-1, keepdims=True)             # (...,1)
-    xc = x - mean                                     # (...,C)
-    var = (xc * xc).mean(axis=-1, keepdims=True)      # (...,1) biased variance, as in GPT-2
+    xhat = x - mean                                   # (...,C), centred
+    var = np.vecdot(xhat, xhat)[..., None] / x.shape[-1]   # (...,1) biased variance, as in GPT-2
     rstd = 1.0 / np.sqrt(var + eps)                   # (...,1)
-    xhat = xc * rstd                                  # (...,C)
-    out = xhat * w + b                                # (...,C)
+    xhat *= rstd                                      # (...,C), normalised
+    out = xhat * w
+    out += b                                          # (...,C)
     return out, (xhat, rstd, w)
 
 
 def layernorm_backward(dout, cache, need_dparams=True):
     """Returns dx (...,C), dw (C,), db (C,). dw, db are None when need_dparams is False."""
     xhat, rstd, w = cache
+    C = dout.shape[-1]
     dw = db = None
     if need_dparams:
-        C = dout.shape[-1]
         dw = (dout * xhat).reshape(-1, C).sum(axis=0)  # forward was: out = xhat * w + b
         db = dout.reshape(-1, C).sum(axis=0)
     dxhat = dout * w                                  # (...,C)
-    # xhat depends on x directly and through mean and rstd; those two paths give the two subtracted terms
-    dx = rstd * (dxhat
-                 - dxhat.mean(axis=-1, keepdims=True)
-                 - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    # xhat depends on x directly and through mean and rstd; those two paths give the two subtracted terms:
+    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    dx = xhat * (np.vecdot(dxhat, xhat)[..., None] / C)
+    np.subtract(dxhat, dx, out=dx)
+    dx -= dxhat.mean(axis=-1, keepdims=True)
+    dx *= rstd
     return dx, dw, db
 
 
@@ -112,20 +115,37 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)
 
 
 def gelu_forward(x):
-    """out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). Inputs: x (...). Returns: out (...), cache."""
-    x2 = x * x                                        # x^2 by hand: np.power is far slower on float32
-    t = np.tanh(GELU_SCALE * x * (1.0 + 0.044715 * x2))
-    out = 0.5 * x * (1.0 + t)
-    return out, (x, x2, t)
+    """out = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). Inputs: x (...). Returns: out (...), cache."""
+    t = x * x                                         # x^2 by hand: np.power is far slower on float32
+    t *= 0.044715
+    t += 1.0
+    t *= x
+    t *= GELU_SCALE                                   # u = sqrt(2/pi) x (1 + 0.044715 x^2)
+    np.tanh(t, out=t)                                 # t = tanh(u)
+    out = t + 1.0
+    out *= x
+    out *= 0.5                                        # 0.5 x (1 + t)
+    return out, (x, t)
 
 
 def gelu_backward(dout, cache):
     """Returns dx (...)."""
-    x, x2, t = cache
-    # forward was: out = 0.5 x (1 + t), t = tanh(u), u = GELU_SCALE (x + 0.044715 x^3), so
-    # dout/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx
-    du_dx = GELU_SCALE * (1.0 + 3.0 * 0.044715 * x2)
-    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx)
+    x, t = cache
+    # forward was: out = 0.5 x (1 + t), t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3), so
+    # dout/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx, with du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    du_dx = x * x
+    du_dx *= 3.0 * 0.044715
+    du_dx += 1.0
+    du_dx *= GELU_SCALE                               # du/dx
+    dx = t * t
+    np.subtract(1.0, dx, out=dx)                      # 1 - t^2, the derivative of tanh
+    dx *= du_dx
+    dx *= x                                           # x (1 - t^2) du/dx
+    dx += t
+    dx += 1.0
+    dx *= 0.5                                         # 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx
+    dx *= dout
+    return dx
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -148,12 +168,8 @@ def attention_forward(qkv, n_head, past_k=None, past_v=None):
     the KV cache for the next call.
     """
     B, T, C3 = qkv.shape
-    C = C3 // 3
-    hs = C // n_head
-    q, k, v = np.split(qkv, 3, axis=2)                           # (B,T,3C) -> 3 x (B,T,C)
-    q = q.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)        # (B,NH,T,hs)
-    k = k.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)        # (B,NH,T,hs)
-    v = v.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)        # (B,NH,T,hs)
+    hs = C3 // 3 // n_head
+    q, k, v = split_heads(qkv, n_head)                           # (B,T,3C) -> 3 x (B,NH,T,hs), views
     P = 0
     if past_k is not None:
         P = past_k.shape[2]
@@ -162,36 +178,46 @@ def attention_forward(qkv, n_head, past_k=None, past_v=None):
     scores = (q * (1.0 / math.sqrt(hs))) @ k.transpose(0, 1, 3, 2)   # (B,NH,T,hs) @ (B,NH,hs,P+T) -> (B,NH,T,P+T)
     scores += causal_mask(T, P, scores.dtype)                    # new token t (position P+t) sees keys 0..P+t
     scores -= scores.max(axis=-1, keepdims=True)                 # softmax, shifted for stability
-    att = np.exp(scores, out=scores)                             # in place: scores are not needed again
+    att = np.exp(scores, out=scores)                             # scores are not needed again
     att /= att.sum(axis=-1, keepdims=True)                       # (B,NH,T,P+T), rows sum to 1
     y = att @ v                                                  # (B,NH,T,P+T) @ (B,NH,P+T,hs) -> (B,NH,T,hs)
-    out = y.transpose(0, 2, 1, 3).reshape(B, T, C)               # re-assemble the heads, (B,T,C)
-    return out, (q, k, v, att, P)
+    out = y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)         # re-assemble the heads, (B,T,C)
+    return out, (q, k, v, att, out, P)               # out: no extra memory, c_proj keeps it anyway
 
 
 def attention_backward(dout, cache):
     """Returns dqkv (B,T,3C), dpast_k, dpast_v (B,NH,P,hs) (None when there was no past)."""
-    q, k, v, att, P = cache
+    q, k, v, att, out, P = cache
     B, NH, T, hs = q.shape
-    C = NH * hs
     dy = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)      # (B,T,C) -> (B,NH,T,hs)
+    y = out.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)        # (B,T,C) -> (B,NH,T,hs), the forward's y
     # forward was: y = att @ v
     datt = dy @ v.transpose(0, 1, 3, 2)                          # (B,NH,T,P+T)
     dv = att.transpose(0, 1, 3, 2) @ dy                          # (B,NH,P+T,hs)
-    # forward was: att = softmax(scores); masked entries have att = 0 and so get no gradient
-    datt -= (datt * att).sum(axis=-1, keepdims=True)
-    dscores = np.multiply(datt, att, out=datt)                   # (B,NH,T,P+T), in place
+    # forward was: att = softmax(scores), so row by row dscores = att * (datt - sum_j datt_j att_j).
+    # That sum is datt . att = (dy @ v^T) . att = dy . (att @ v) = dy . y: a dot product of two short
+    # (hs,) rows instead of two long (P+T,) ones (FlashAttention uses the same identity).
+    datt -= np.vecdot(dy, y)[..., None]                          # (B,NH,T,P+T) - (B,NH,T,1)
+    dscores = np.multiply(datt, att, out=datt)                   # (B,NH,T,P+T); masked entries: att = 0, no gradient
     # forward was: scores = (q / sqrt(hs)) @ k^T; the scale goes on the small (B,NH,*,hs) side
     scale = 1.0 / math.sqrt(hs)
-    dq = (dscores @ k) * scale                                   # (B,NH,T,hs)
-    dk = (dscores.transpose(0, 1, 3, 2) @ q) * scale             # (B,NH,P+T,hs)
-    dpast_k = dpast_v = None
-    if P > 0:
-        dpast_k, dk = dk[:, :, :P], dk[:, :, P:]
-        dpast_v, dv = dv[:, :, :P], dv[:, :, P:]
-    heads = lambda d: d.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B,NH,T,hs) -> (B,T,C)
-    dqkv = np.concatenate([heads(dq), heads(dk), heads(dv)], axis=2)   # (B,T,3C)
-    return dqkv, dpast_k, dpast_v
+    dqkv = np.empty((B, T, 3 * NH * hs), dtype=dout.dtype)
+    dq, dk_new, dv_new = split_heads(dqkv, NH)                   # views into dqkv, filled in place
+    np.matmul(dscores, k, out=dq)                                # (B,NH,T,hs)
+    dq *= scale
+    dk = dscores.transpose(0, 1, 3, 2) @ q                       # (B,NH,P+T,hs)
+    dk_new[...] = dk[:, :, P:]
+    dk_new *= scale
+    dv_new[...] = dv[:, :, P:]
+    if P == 0:
+        return dqkv, None, None
+    return dqkv, dk[:, :, :P] * scale, dv[:, :, :P]
+
+
+def split_heads(qkv, n_head):
+    """(B,T,3C) -> q, k, v, each (B,NH,T,hs): views into qkv, no copy."""
+    B, T, C3 = qkv.shape
+    return (a.reshape(B, T, n_head, -1).transpose(0, 2, 1, 3) for a in np.split(qkv, 3, axis=2))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -100,11 +100,11 @@ def activation_count(mc, method, batch_size, seq_len):
 
     Per block and token (T_all = T + prompt tokens, K = keys each token sees = prefix P + T_all):
       ln_1 xhat C + rstd 1, its output C (c_attn's input), qkv 3C, attention weights NH*K, their output C,
-      ln_2 xhat C + rstd 1, its output C, c_fc's output 4C, gelu's x^2 4C and tanh 4C, its output 4C
-      = 24C + 2 + NH*K.
+      ln_2 xhat C + rstd 1, its output C, c_fc's output 4C, gelu's tanh 4C, its output 4C
+      = 20C + 2 + NH*K.
     After the blocks: ln_f 2C + 1, and the softmax of the logits, V per real token.
-    Methods add: LoRA x@A (r per token per targeted linear), adapters 2 x (C + 4m) per block (input,
-    bottleneck, gelu's x^2 and tanh, gelu output), a prefix its keys and values concatenated in front of
+    Methods add: LoRA x@A (r per token per targeted linear), adapters 2 x (C + 3m) per block (input,
+    bottleneck, gelu's tanh, gelu output), a prefix its keys and values concatenated in front of
     the tokens' (2C per key), the prefix MLP its hidden layer (P*H).
     """
     C, NH, L, V = mc.n_embd, mc.n_head, mc.n_layer, mc.vocab_size
@@ -114,7 +114,7 @@ def activation_count(mc, method, batch_size, seq_len):
     prefix = P if isinstance(method, PrefixTuningConfig) else 0
     T_all = T + prompt                       # positions that run through the blocks
     K = prefix + T_all                       # keys every position attends over (masked ones stored too)
-    per_block = B * T_all * (24 * C + 2 + NH * K)
+    per_block = B * T_all * (20 * C + 2 + NH * K)
     if prefix:   # np.concatenate([past_k, k]): new (B,NH,K,hs) keys and values; q still holds qkv
         per_block += 2 * B * K * C
     n = L * per_block + B * T_all * (2 * C + 1) + B * T * V
@@ -122,7 +122,7 @@ def activation_count(mc, method, batch_size, seq_len):
         n += B * T_all * method.r * len(find_targets(method, mc))
     if isinstance(method, AdapterConfig):
         blocks = L if method.layers_to_transform is None else len(method.layers_to_transform)
-        n += blocks * 2 * B * T_all * (C + 4 * method.bottleneck_size)
+        n += blocks * 2 * B * T_all * (C + 3 * method.bottleneck_size)
     if isinstance(method, PrefixTuningConfig) and method.prefix_projection:
         n += P * method.encoder_hidden_size
     return n
