@@ -117,10 +117,9 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)
 def gelu_forward(x):
     """out = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). Inputs: x (...). Returns: out (...), cache."""
     t = x * x                                         # x^2 by hand: np.power is far slower on float32
-    t *= 0.044715
-    t += 1.0
-    t *= x
-    t *= GELU_SCALE                                   # u = sqrt(2/pi) x (1 + 0.044715 x^2)
+    t *= GELU_SCALE * 0.044715
+    t += GELU_SCALE
+    t *= x                                            # u = x (sqrt(2/pi) + sqrt(2/pi) 0.044715 x^2)
     np.tanh(t, out=t)                                 # t = tanh(u)
     out = t + 1.0
     out *= x
@@ -134,9 +133,8 @@ def gelu_backward(dout, cache):
     # forward was: out = 0.5 x (1 + t), t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3), so
     # dout/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx, with du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
     du_dx = x * x
-    du_dx *= 3.0 * 0.044715
-    du_dx += 1.0
-    du_dx *= GELU_SCALE                               # du/dx
+    du_dx *= GELU_SCALE * 3.0 * 0.044715
+    du_dx += GELU_SCALE                               # du/dx
     dx = t * t
     np.subtract(1.0, dx, out=dx)                      # 1 - t^2, the derivative of tanh
     dx *= du_dx
@@ -266,21 +264,23 @@ def lora_forward(x, A, B, scale, keep=None):
     Returns: out (...,out), cache.
     """
     xd = x if keep is None else x * keep                         # (...,in)
-    h = xd @ A                                                   # (...,in) @ (in,r) -> (...,r)
-    out = (h @ B) * scale                                        # (...,r) @ (r,out) -> (...,out)
-    return out, (xd, h, A, B, scale, keep)
+    h = xd.reshape(-1, A.shape[0]) @ A                           # (N,in) @ (in,r) -> (N,r), N = B*T rows
+    h *= scale                                                   # scaled on the small (N,r) side
+    out = h @ B                                                  # (N,r) @ (r,out) -> (N,out)
+    return out.reshape(*x.shape[:-1], B.shape[1]), (xd, h, A, B, scale, keep)
 
 
 def lora_backward(dout, cache):
     """Returns dx (...,in), dA (in,r), dB (r,out). Every product here has r on one side: it is cheap."""
     xd, h, A, B, scale, keep = cache
-    r, n_out = B.shape
-    dB = scale * (h.reshape(-1, r).T @ dout.reshape(-1, n_out))  # (r,out)
-    dh = (dout @ B.T) * scale                                    # (...,r)
-    dA = xd.reshape(-1, A.shape[0]).T @ dh.reshape(-1, r)        # (in,r)
-    dx = dh @ A.T                                                # (...,in)
+    dout2 = dout.reshape(-1, B.shape[1])                         # (N,out)
+    dB = h.T @ dout2                                             # (r,N) @ (N,out) -> (r,out); h holds the scale
+    dh = dout2 @ B.T                                             # (N,r)
+    dh *= scale
+    dA = xd.reshape(-1, A.shape[0]).T @ dh                       # (in,N) @ (N,r) -> (in,r)
+    dx = (dh @ A.T).reshape(xd.shape)                            # (N,r) @ (r,in) -> (...,in)
     if keep is not None:
-        dx = dx * keep
+        dx *= keep
     return dx, dA, dB
 
 
