@@ -26,21 +26,34 @@ def test_bench_model_and_generate_report_positive_rates():
 def test_profile_layers_times_every_layer_and_restores_the_model():
     originals = {n: getattr(model_module, n) for n in dir(model_module) if n.endswith(("_forward", "_backward"))}
     rows, total = bench.profile_layers(TINY, 2, repeats=1)
-    names = {r[0] for r in rows}
-    assert {"embedding", "layernorm", "linear", "gelu", "attention", "cross_entropy"} <= names
-    assert all(f >= 0 and b >= 0 for _, f, b in rows) and sum(f + b for _, f, b in rows) <= total * 1.5
+    rows = {r["layer"]: r for r in rows}
+    assert {"embedding", "layernorm", "linear", "gelu", "attention", "cross_entropy"} <= set(rows)
+    assert all(r["forward"] >= 0 and r["backward"] >= 0 for r in rows.values())
+    assert sum(r["forward"] + r["backward"] for r in rows.values()) <= total * 1.5
     assert all(getattr(model_module, n) is fn for n, fn in originals.items())
+
+
+def test_profile_layers_counts_the_matmul_flops_of_a_step():
+    """Every block matmul is counted once (the tied head is not a layer call); elementwise layers do none."""
+    B, T, C, V = 2, TINY.block_size, TINY.n_embd, TINY.vocab_size
+    rows = {r["layer"]: r for r in bench.profile_layers(TINY, B, repeats=2)[0]}
+    head = 3 * 2 * B * T * C * V
+    assert rows["linear"]["flops"] + rows["attention"]["flops"] == bench.train_flops(TINY, B, T) - head
+    assert rows["attention"]["flops"] == 3 * 4 * B * T * T * C * TINY.n_layer
+    assert all(rows[n]["flops"] == 0 for n in ("layernorm", "gelu", "embedding", "cross_entropy"))
 
 
 def test_bench_methods_ratios_and_memory_counts():
     rows = bench.bench_methods(TINY, 2, repeats=1)
-    assert set(rows) == {"full", "lora", "prefix", "prompt", "adapter"}
+    assert set(rows) == {"full", "lora", "prefix", "prompt", "adapter", "frozen"}
     assert rows["full"]["ratio_to_full"] == 1.0
     for name, r in rows.items():
         assert r["adam_bytes"] == 2 * r["trainable"] * 4          # m and v in float32
         assert r["grad_bytes"] == r["trainable"] * 4
         assert r["activation_bytes"] > 0 and r["peak_step_bytes"] > 0
     assert rows["lora"]["trainable"] < rows["full"]["trainable"]
+    assert rows["frozen"]["trainable"] == rows["frozen"]["grad_bytes"] == rows["frozen"]["adam_bytes"] == 0
+    assert rows["frozen"]["weights_bytes"] == rows["full"]["weights_bytes"]
 
 
 def test_nbytes_unique_counts_views_once():

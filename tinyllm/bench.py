@@ -128,9 +128,31 @@ def torch_step(config, B):
 LAYER_FUNCS = ["embedding", "layernorm", "linear", "gelu", "attention", "cross_entropy", "lora", "adapter"]
 
 
+def layer_flops(name, half, args, kwargs):
+    """Matmul flops of one call of a layer function (0 for the elementwise layers), from its arguments."""
+    if name == "linear" and half == "forward":
+        x, w, _ = args                                           # (...,in) @ (in,out)
+        return 2 * x.size * w.shape[1]
+    if name == "linear" and half == "backward":
+        x, w = args[1]                                           # dx always, dw unless the weight is frozen
+        need_dw = kwargs.get("need_dw", args[2] if len(args) > 2 else True)
+        return 2 * x.size * w.shape[1] * (2 if need_dw else 1)
+    if name == "attention" and half == "forward":
+        qkv, past_k = args[0], (args[2] if len(args) > 2 else None)
+        B, T, C3 = qkv.shape                                     # q @ k^T and att @ v, each 2*B*T*K*C
+        K = T + (0 if past_k is None else past_k.shape[2])
+        return 2 * 2 * B * T * K * (C3 // 3)
+    if name == "attention" and half == "backward":
+        q, k = args[1][0], args[1][1]                            # datt, dv, dq, dk: four of the same size
+        B, NH, T, hs = q.shape
+        return 4 * 2 * B * T * k.shape[2] * NH * hs
+    return 0
+
+
 def profile_layers(config, B, repeats=3):
-    """Seconds per step spent in each layer's forward and backward (summed over the blocks)."""
-    totals = {}
+    """Per layer (summed over the blocks): seconds per step in its forward and backward, and the matmul
+    flops it did per step (to show how close to the matmul peak each part runs)."""
+    totals, flops = {}, {}
     originals = {}
     for name in LAYER_FUNCS:
         for half in ("forward", "backward"):
@@ -142,6 +164,7 @@ def profile_layers(config, B, repeats=3):
                 t0 = time.perf_counter()
                 out = _fn(*args, **kw)
                 totals[_key] = totals.get(_key, 0.0) + time.perf_counter() - t0
+                flops[_key] = flops.get(_key, 0) + layer_flops(*_key, args, kw)
                 return out
             setattr(model_module, fname, timed)
     try:
@@ -155,7 +178,9 @@ def profile_layers(config, B, repeats=3):
     finally:
         for fname, fn in originals.items():
             setattr(model_module, fname, fn)
-    rows = [(name, totals.get((name, "forward"), 0) / repeats, totals.get((name, "backward"), 0) / repeats)
+    rows = [{"layer": name, "forward": totals[(name, "forward")] / repeats,
+             "backward": totals.get((name, "backward"), 0.0) / repeats,
+             "flops": (flops[(name, "forward")] + flops.get((name, "backward"), 0)) / repeats}
             for name in LAYER_FUNCS if (name, "forward") in totals]
     return rows, total
 
@@ -190,12 +215,6 @@ def nbytes_unique(obj, seen=None):
     return 0
 
 
-def weight_ids(pm):
-    """ids of every weight array a PeftModel's forward sees (base and adapters): not activations."""
-    arrays = list(pm.base_model.params.values()) + [a for ad in pm.adapters.values() for a in ad.values()]
-    return {id(a) for a in arrays}
-
-
 def interleaved_medians(steps, repeats):
     """Median seconds of each function in steps ({name: fn}), timed in turns (one call of each per
     round), so that a change in the machine's load hits every method alike."""
@@ -213,34 +232,42 @@ def interleaved_medians(steps, repeats):
 def bench_methods(config, B, repeats=5):
     """Per method: step seconds (forward+backward+AdamW, timed in turns with the other methods), ratio to
     full fine-tuning, trainable parameters, and memory: weights, gradients, AdamW state, the activations
-    the forward caches for the backward, and the peak of a whole step (tracemalloc)."""
+    the forward caches for the backward, and the peak of a whole step (tracemalloc).
+
+    The extra row "frozen" is the base model with nothing trainable. Its backward still carries the
+    gradient down through every block, as every method here must (each trains something in or below the
+    first block), so its ratio is the floor no method can go under by freezing weights alone."""
     from .peft import get_peft_model
     x, y = random_batch(config, B)
-    models, steps = {}, {}
+    runs = {}   # name: (model, its cache after a forward, optimizer, T)
     for name, cfg in method_configs().items():
         pm = get_peft_model(GPT(config, seed=0), cfg)
         T = config.block_size - pm.reserved_positions                # leave room for virtual tokens
-        opt = AdamW(pm.trainable_parameters(), lr=1e-4)
+        runs[name] = (pm, lambda pm=pm: pm._cache[0], AdamW(pm.trainable_parameters(), lr=1e-4), T)
+    frozen = GPT(config, seed=0)
+    frozen.freeze()
+    runs["frozen"] = (frozen, lambda: frozen._cache, AdamW({}, lr=1e-4), config.block_size)
 
-        def step(pm=pm, opt=opt, xb=x[:, :T], yb=y[:, :T]):
-            pm.forward(xb, yb)
-            opt.step(pm.backward())
-        models[name], steps[name] = (pm, opt, T), step
-    seconds = interleaved_medians(steps, repeats)
+    def step(model, opt, T):
+        model.forward(x[:, :T], y[:, :T])
+        opt.step(model.backward())
+    seconds = interleaved_medians({name: lambda r=r: step(r[0], r[2], r[3]) for name, r in runs.items()}, repeats)
     rows = {}
-    for name, (pm, opt, T) in models.items():
+    for name, (model, cache, opt, T) in runs.items():
+        weights = model.base_model.params if name != "frozen" else model.params
+        adapters = [a for ad in model.adapters.values() for a in ad.values()] if name != "frozen" else []
         tracemalloc.start()
-        pm.forward(x[:, :T], y[:, :T])
-        activations = nbytes_unique(pm._cache[0], weight_ids(pm))   # before the backward releases them
-        opt.step(pm.backward())
+        model.forward(x[:, :T], y[:, :T])
+        activations = nbytes_unique(cache(), {id(a) for a in [*weights.values(), *adapters]})  # before backward frees them
+        opt.step(model.backward())
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        trainable = sum(v.size for v in pm.trainable_parameters().values())
-        itemsize = pm.base_model.dtype.itemsize
+        trainable = sum(v.size for v in model.trainable_parameters().values())
+        itemsize = frozen.dtype.itemsize
+        n_weights = sum(a.size for a in [*weights.values(), *adapters])
         rows[name] = {"seconds": seconds[name], "tokens_per_s": B * T / seconds[name], "trainable": trainable,
-                      "weights_bytes": pm.get_nb_trainable_parameters()[1] * itemsize,
-                      "grad_bytes": trainable * itemsize, "adam_bytes": opt.state_bytes(),
-                      "activation_bytes": activations, "peak_step_bytes": peak,
+                      "weights_bytes": n_weights * itemsize, "grad_bytes": trainable * itemsize,
+                      "adam_bytes": opt.state_bytes(), "activation_bytes": activations, "peak_step_bytes": peak,
                       "ratio_to_full": seconds[name] / seconds["full"]}
     return rows
 
@@ -283,11 +310,15 @@ def run(configs=("lesson", "wide"), repeats=5, torch_ref=True, out=print):
 
     config, B = CONFIGS[configs[0]]
     rows, total = profile_layers(config, B)
-    results["layers"] = {name: {"forward": f, "backward": b} for name, f, b in rows}
-    out(f"\nwhere a step's time goes ({configs[0]} config, {1000 * total:.1f} ms per step)")
-    out(f"{'layer':14} {'forward ms':>10} {'backward ms':>11} {'share':>6}")
-    for name, f, b in sorted(rows, key=lambda r: -(r[1] + r[2])):
-        out(f"{name:14} {1000 * f:10.1f} {1000 * b:11.1f} {100 * (f + b) / total:5.1f}%")
+    results["layers"] = {r["layer"]: r for r in rows}
+    out(f"\nwhere a step's time goes ({configs[0]} config, {1000 * total:.1f} ms per step; GFLOP/s of the "
+        f"layers' matmuls, against the {results['peak_gflops']:.0f} peak)")
+    out(f"{'layer':14} {'forward ms':>10} {'backward ms':>11} {'share':>6} {'GFLOP/s':>8}")
+    for r in sorted(rows, key=lambda r: -(r["forward"] + r["backward"])):
+        seconds = r["forward"] + r["backward"]
+        rate = f"{r['flops'] / seconds / 1e9:8.1f}" if r["flops"] else f"{'-':>8}"
+        out(f"{r['layer']:14} {1000 * r['forward']:10.1f} {1000 * r['backward']:11.1f} "
+            f"{100 * seconds / total:5.1f}% {rate}")
 
     methods = bench_methods(config, B, repeats)
     results["methods"] = methods
@@ -299,6 +330,8 @@ def run(configs=("lesson", "wide"), repeats=5, torch_ref=True, out=print):
         out(f"{name:8} {1000 * r['seconds']:8.1f} {r['ratio_to_full']:7.2f} {r['trainable']:10,d} "
             f"{mib(r['weights_bytes']):>11} {mib(r['grad_bytes']):>9} {mib(r['adam_bytes']):>9} "
             f"{mib(r['activation_bytes']):>10} {mib(r['peak_step_bytes']):>8}")
+    out(f"(frozen: nothing trained, but the gradient still flows down through every block, as it must for "
+        f"each method here: no method can beat {methods['frozen']['ratio_to_full']:.2f}x by freezing weights)")
 
     g = bench_generate(config)
     results["generate"] = g
