@@ -463,13 +463,8 @@ class GPT:
         return logits, loss
 
     def backward(self):
-        """{name: gradient} for every trainable parameter, from the loss of the last forward.
-
-        As in PyTorch, the backward uses up the forward's activations: they are released here, so the
-        next forward reuses their memory instead of asking the system for more. Call forward again
-        before the next backward."""
-        cache, self._cache = self._cache, None
-        return gpt_backward(cache, self.trainable)
+        """{name: gradient} for every trainable parameter, from the loss of the last forward."""
+        return gpt_backward(self._cache, self.trainable)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
         """Append max_new_tokens tokens to idx (B,T); temperature 0 is greedy. Uses a KV cache."""

@@ -244,7 +244,7 @@ class PeftModel:
             raise RuntimeError("backward() needs a forward pass with targets first: call forward(idx, targets)")
         if self._disabled or self.active_adapter in self._merged:
             raise RuntimeError("the adapter is disabled or merged, so it has nothing to train")
-        (cache, mlp_cache), self._cache = self._cache, None   # released, as in GPT.backward
+        cache, mlp_cache = self._cache
         names = set(self.trainable_parameters())
         if mlp_cache is not None:   # the prefixes are outputs of the MLP: get their gradients first
             names |= set(prefix_method.prefix_keys(self.base_model.config.n_layer))
