@@ -237,16 +237,18 @@ def bench_methods(config, B, repeats=5):
     The extra row "frozen" is the base model with nothing trainable. Its backward still carries the
     gradient down through every block, as every method here must (each trains something in or below the
     first block), so its ratio is the floor no method can go under by freezing weights alone."""
-    from .peft import get_peft_model
+    from .memory import activation_count
+    from .peft import FullFineTuningConfig, get_peft_model
     x, y = random_batch(config, B)
-    runs = {}   # name: (model, its cache after a forward, optimizer, T)
-    for name, cfg in method_configs().items():
+    runs, configs = {}, method_configs()   # runs: name -> (model, its cache after a forward, optimizer, T)
+    for name, cfg in configs.items():
         pm = get_peft_model(GPT(config, seed=0), cfg)
         T = config.block_size - pm.reserved_positions                # leave room for virtual tokens
         runs[name] = (pm, lambda pm=pm: pm._cache[0], AdamW(pm.trainable_parameters(), lr=1e-4), T)
     frozen = GPT(config, seed=0)
     frozen.freeze()
     runs["frozen"] = (frozen, lambda: frozen._cache, AdamW({}, lr=1e-4), config.block_size)
+    configs["frozen"] = FullFineTuningConfig()                       # the same activations as full
 
     def step(model, opt, T):
         model.forward(x[:, :T], y[:, :T])
@@ -265,10 +267,14 @@ def bench_methods(config, B, repeats=5):
         trainable = sum(v.size for v in model.trainable_parameters().values())
         itemsize = frozen.dtype.itemsize
         n_weights = sum(a.size for a in [*weights.values(), *adapters])
-        rows[name] = {"seconds": seconds[name], "tokens_per_s": B * T / seconds[name], "trainable": trainable,
-                      "weights_bytes": n_weights * itemsize, "grad_bytes": trainable * itemsize,
-                      "adam_bytes": opt.state_bytes(), "activation_bytes": activations, "peak_step_bytes": peak,
-                      "ratio_to_full": seconds[name] / seconds["full"]}
+        r = rows[name] = {"seconds": seconds[name], "tokens_per_s": B * T / seconds[name], "trainable": trainable,
+                          "weights_bytes": n_weights * itemsize, "grad_bytes": trainable * itemsize,
+                          "adam_bytes": opt.state_bytes(), "activation_bytes": activations,
+                          "counted_activation_bytes": activation_count(config, configs[name], B, T) * itemsize,
+                          "ratio_to_full": seconds[name] / seconds["full"]}
+        # tracemalloc sees what the step allocates; the weights and AdamW's state were there before it
+        r["peak_step_bytes"] = peak + r["weights_bytes"] + r["adam_bytes"]
+        r["counted_bytes"] = r["weights_bytes"] + r["grad_bytes"] + r["adam_bytes"] + r["counted_activation_bytes"]
     return rows
 
 
@@ -292,7 +298,7 @@ def bench_generate(config, n_new=64, B=1, repeats=3):
 # ----------------------------------------------------------------------------------------------------
 
 def mib(n):
-    return f"{n / 2 ** 20:8.2f}"
+    return f"{n / 2 ** 20:.2f}"
 
 
 def run(configs=("lesson", "wide"), repeats=5, torch_ref=True, out=print):
@@ -324,12 +330,15 @@ def run(configs=("lesson", "wide"), repeats=5, torch_ref=True, out=print):
     results["methods"] = methods
     out(f"\ntraining step per method ({configs[0]} config, batch {B}, timed in turns; prefix/prompt use 10 of "
         f"the positions)")
-    out(f"{'method':8} {'ms/step':>8} {'x full':>7} {'trainable':>10} {'weights MiB':>11} {'grads MiB':>9} "
-        f"{'AdamW MiB':>9} {'activ. MiB':>10} {'peak MiB':>8}")
+    out(f"{'method':8} {'ms/step':>8} {'x full':>7} {'trainable':>10} | MiB counted: {'weights':>7} {'grads':>7} "
+        f"{'AdamW':>7} {'activ.':>7} {'sum':>7} | MiB measured: {'peak':>7}")
     for name, r in methods.items():
-        out(f"{name:8} {1000 * r['seconds']:8.1f} {r['ratio_to_full']:7.2f} {r['trainable']:10,d} "
-            f"{mib(r['weights_bytes']):>11} {mib(r['grad_bytes']):>9} {mib(r['adam_bytes']):>9} "
-            f"{mib(r['activation_bytes']):>10} {mib(r['peak_step_bytes']):>8}")
+        counted = [r[k] for k in ("weights_bytes", "grad_bytes", "adam_bytes", "counted_activation_bytes",
+                                  "counted_bytes")]
+        out(f"{name:8} {1000 * r['seconds']:8.1f} {r['ratio_to_full']:7.2f} {r['trainable']:10,d} | "
+            f"{'':12} {' '.join(f'{mib(n):>7}' for n in counted)} | {'':13} {mib(r['peak_step_bytes']):>7}")
+    out("(activ.: what tinyllm.memory counts the forward keeps for the backward. peak: the step's own "
+        "allocations at their highest (tracemalloc), plus the weights and AdamW state held before it)")
     out(f"(frozen: nothing trained, but the gradient still flows down through every block, as it must for "
         f"each method here: no method can beat {methods['frozen']['ratio_to_full']:.2f}x by freezing weights)")
 
