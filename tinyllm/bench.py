@@ -7,10 +7,14 @@ medians of several repeats, after a warm-up.
   peak      float32 GFLOP/s of one large np.matmul: the ceiling for everything else
   model     forward+backward tokens/s and achieved GFLOP/s on the "lesson" and "wide" configs
             (and PyTorch eager on the same model, when torch happens to be installed)
-  layers    where a step's time goes, per layer, forward and backward
-  methods   each fine-tuning method's training-step time as a ratio to a full fine-tuning step,
-            and its peak memory next to the count of weights, gradients, AdamW state and activations
+  layers    where a step's time goes, per layer, forward and backward, and its matmuls' GFLOP/s
+  methods   each fine-tuning method's training-step time as a ratio to a full fine-tuning step (and
+            the floor: a model with nothing trainable), and its peak memory next to the count of
+            weights, gradients, AdamW state and activations
   generate  tokens/s with and without the KV cache
+
+The README's Speed section keeps one run's figures, what made them faster (before/after), and why the
+wide config still trails PyTorch.
 """
 import time
 import tracemalloc

@@ -13,6 +13,11 @@ layer is `x @ w + b`, as in GPT-2's own checkpoints.
 The last section holds the layers that fine-tuning adds (LoRA, adapters); prefix tuning needs no layer
 of its own, only attention's `past_k, past_v` arguments.
 
+Speed without tricks: every big matmul is one 2-D or batched `@` (BLAS does the work), and long elementwise
+formulas are chains of in-place steps (`t *= x`), one pass over the array per line. `0.5 * x * (1 + t)`
+would make a new array for every operator, and fresh memory costs more than the arithmetic: GELU's
+forward on a (2048,1024) float32 input took 14 ms written that way and 4.5 ms in place.
+
 Legend: B batch, T time (new tokens), P past positions (KV cache or prefix), C channels (n_embd),
 NH heads, hs head size (C // NH), V vocabulary, r LoRA rank, m adapter width.
 """
