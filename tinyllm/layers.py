@@ -60,7 +60,8 @@ def layernorm_forward(x, w, b, eps=1e-5):
     """
     mean = x.mean(axis=-1, keepdims=True)             # (...,1)
     xhat = x - mean                                   # (...,C), centred
-    var = np.vecdot(xhat, xhat)[..., None] / x.shape[-1]   # (...,1) biased variance, as in GPT-2
+    var = np.vecdot(xhat, xhat)[..., None] / x.shape[-1]   # (...,1) biased variance, as in GPT-2 (vecdot:
+                                                      # each row's dot product, with no (...,C) temporary)
     rstd = 1.0 / np.sqrt(var + eps)                   # (...,1)
     xhat *= rstd                                      # (...,C), normalised
     out = xhat * w
