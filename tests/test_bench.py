@@ -20,7 +20,22 @@ def test_bench_model_and_generate_report_positive_rates():
     r = bench.bench_model(TINY, 2, repeats=1, torch_ref=False)
     assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(2 * TINY.block_size / r["seconds"])
     g = bench.bench_generate(TINY, n_new=8, repeats=1)
-    assert g["kv_cache_tokens_per_s"] > 0 and g["no_cache_tokens_per_s"] > 0
+    assert set(g) == {"base", "full", "lora", "lora merged", "prefix", "prompt", "adapter"}
+    for r in g.values():
+        assert r["kv_cache_tokens_per_s"] > 0 and r["no_cache_tokens_per_s"] > 0
+        assert r["speedup"] == pytest.approx(r["kv_cache_tokens_per_s"] / r["no_cache_tokens_per_s"])
+    assert g["base"]["ratio_to_base"] == 1.0
+
+
+def test_generation_models_generate_what_the_base_generates_at_init():
+    """At initialisation every method is the identity (LoRA B = 0, adapters up = 0) except prefix and
+    prompt tuning, whose virtual tokens change the context: so the other four give the base's tokens."""
+    models = bench.generation_models(TINY)
+    prompt = np.arange(6).reshape(1, 6) % TINY.vocab_size
+    base = models["base"].generate(prompt, 8, temperature=0)
+    for name in ("full", "lora", "lora merged", "adapter"):
+        assert np.array_equal(models[name].generate(prompt, 8, temperature=0), base), name
+    assert models["lora merged"].active_adapter in models["lora merged"]._merged
 
 
 def test_profile_layers_times_every_layer_and_restores_the_model():

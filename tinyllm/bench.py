@@ -22,7 +22,7 @@ import tracemalloc
 import numpy as np
 
 from . import model as model_module
-from .model import GPT, GPTConfig, gpt_forward
+from .model import GPT, GPTConfig
 from .optim import AdamW
 
 CONFIGS = {  # name: (config, batch size)
@@ -282,21 +282,41 @@ def bench_methods(config, B, repeats=5):
     return rows
 
 
-def bench_generate(config, n_new=64, B=1, repeats=3):
-    """Greedy generation tokens/s with the KV cache (GPT.generate) and without (a full recompute each step)."""
-    model = GPT(config, seed=0)
-    prompt = random_batch(config, B)[0][:, :16]
+def generation_models(config):
+    """The base model, and each method's model as it generates (LoRA both unmerged and merged)."""
+    from .peft import get_peft_model
+    models = {"base": GPT(config, seed=0)}
+    for name, cfg in method_configs().items():
+        models[name] = get_peft_model(GPT(config, seed=0), cfg)
+        models[name].eval()
+    models["lora merged"] = get_peft_model(GPT(config, seed=0), method_configs()["lora"])
+    models["lora merged"].merge_adapter()                       # W + scale * A @ B: no extra matmuls left
+    return models
 
-    def no_cache():
-        out = prompt
-        for _ in range(n_new):
-            logits, _, _ = gpt_forward(model.params, out[:, -config.block_size:], config)
-            out = np.concatenate([out, logits[:, -1].argmax(-1)[:, None]], axis=1)
-        return out
-    t = interleaved_medians({"cache": lambda: model.generate(prompt, n_new, temperature=0), "none": no_cache}, repeats)
-    with_cache, without = t["cache"], t["none"]
-    return {"kv_cache_tokens_per_s": B * n_new / with_cache, "no_cache_tokens_per_s": B * n_new / without,
-            "speedup": without / with_cache}
+
+def bench_generate(config, n_new=64, B=1, repeats=3):
+    """Greedy generation tokens/s of each model (generation_models), with the KV cache (model.generate)
+    and without it (the whole sequence recomputed for every new token), all timed in turns."""
+    prompt = random_batch(config, B)[0][:, :16]
+    steps = {}
+    for name, model in generation_models(config).items():
+        room = config.block_size - getattr(model, "reserved_positions", 0)
+
+        def no_cache(model=model, room=room):
+            out = prompt
+            for _ in range(n_new):
+                logits, _ = model.forward(out[:, -room:])
+                out = np.concatenate([out, logits[:, -1].argmax(-1)[:, None]], axis=1)
+            return out
+        steps[name, "cache"] = lambda model=model: model.generate(prompt, n_new, temperature=0)
+        steps[name, "none"] = no_cache
+    t = interleaved_medians(steps, repeats)
+    rows = {}
+    for name, _ in steps:
+        with_cache, without = t[name, "cache"], t[name, "none"]
+        rows[name] = {"kv_cache_tokens_per_s": B * n_new / with_cache, "no_cache_tokens_per_s": B * n_new / without,
+                      "speedup": without / with_cache, "ratio_to_base": with_cache / t["base", "cache"]}
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,6 +368,9 @@ def run(configs=("lesson", "wide"), repeats=5, torch_ref=True, out=print):
 
     g = bench_generate(config)
     results["generate"] = g
-    out(f"\ngreedy generation, 64 new tokens: {g['kv_cache_tokens_per_s']:.0f} tokens/s with the KV cache, "
-        f"{g['no_cache_tokens_per_s']:.0f} without ({g['speedup']:.1f}x)")
+    out(f"\ngreedy generation ({configs[0]} config, 64 new tokens after 16, batch 1, timed in turns)")
+    out(f"{'model':12} {'KV cache tok/s':>14} {'no cache tok/s':>14} {'speedup':>8} {'time x base':>12}")
+    for name, r in g.items():
+        out(f"{name:12} {r['kv_cache_tokens_per_s']:14.0f} {r['no_cache_tokens_per_s']:14.0f} "
+            f"{r['speedup']:7.1f}x {r['ratio_to_base']:12.2f}")
     return results
