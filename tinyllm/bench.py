@@ -349,6 +349,9 @@ def run(configs=("lesson", "wide"), repeats=5, torch_ref=True, out=print):
         rate = f"{r['flops'] / seconds / 1e9:8.1f}" if r["flops"] else f"{'-':>8}"
         out(f"{r['layer']:14} {1000 * r['forward']:10.1f} {1000 * r['backward']:11.1f} "
             f"{100 * seconds / total:5.1f}% {rate}")
+    rest = total - sum(r["forward"] + r["backward"] for r in rows)
+    out(f"{'the rest':14} {'':22} {100 * rest / total:5.1f}%   ({1000 * rest:.1f} ms: residual adds, the tied "
+        f"head's matmul, Python)")
 
     methods = bench_methods(config, B, repeats)
     results["methods"] = methods
