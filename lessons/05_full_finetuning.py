@@ -250,7 +250,7 @@ def main(steps=600, lr=LR, batch_size=8, last_k_blocks=1, checkpoint=CHECKPOINT,
     full_counts = show_trainable(base, FullFineTuningConfig())
 
     section("3. training")
-    print(f"tinyllm.finetune.finetune makes the same PeftModel on its own copy of the base and trains it with")
+    print("tinyllm.finetune.finetune makes the same PeftModel on its own copy of the base and trains it with")
     print(f"the loop of lesson 04 (tinyllm.train.train): {steps} steps of {batch_size} examples, AdamW at lr {lr:g}")
     print("(warmup, then cosine decay), no weight decay. Its progress lines:\n")
     run = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, n_val=n_val, probe=probe, before=before,

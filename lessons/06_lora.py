@@ -114,8 +114,8 @@ def show_trainable(pm, config):
     lc = pm.active_peft_config                          # pm.config is the base model's GPTConfig, as in PEFT
     print(f"pm = get_peft_model(model, LoraConfig(r={lc.r}, lora_alpha={lc.lora_alpha}, "
           f"target_modules={lc.target_modules}), adapter_name={pm.active_adapter!r})")
-    print(f"A name in target_modules matches every module that ends with it: 'c_proj' is attn.c_proj and "
-          f"mlp.c_proj.\n")
+    print("A name in target_modules matches every module that ends with it: 'c_proj' is attn.c_proj and "
+          "mlp.c_proj.\n")
     pm.print_trainable_parameters()
     print(pm.formula())
     shapes, targets = module_shapes(config), find_targets(lc, config)

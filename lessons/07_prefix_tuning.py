@@ -136,9 +136,9 @@ def show_kv_cache(pm, base, tok, x, init_text):
     logits_text, _ = pm_text.forward(x)
     logits_read, _ = base.forward(np.concatenate([np.broadcast_to(text_ids, (B, P)), x], axis=1))   # (B,P+T,V)
     d_text = max_diff(logits_text, logits_read[:, P:])
-    print(f"\nPrefixTuningConfig(init='text', init_text=...) starts from the keys and values the base computes for")
+    print("\nPrefixTuningConfig(init='text', init_text=...) starts from the keys and values the base computes for")
     print(f"the first {P} characters of the text, {tok.decode(text_ids)!r}. The model with that prefix is the base")
-    print(f"model reading the text before each prompt:")
+    print("model reading the text before each prompt:")
     print(f"  max |logits(prefix from text) - logits(base on text + prompt)[:, {P}:]| = {d_text:.2e} "
           f"(float32: the same sums, in another order)")
     return dict(prefix_vs_kv_cache_max_diff=d_cache, text_prefix_vs_text_max_diff=d_text)
@@ -167,7 +167,7 @@ def show_generation(loaded, base, tok, task):
     by_hand = generate_from_cache(base, loaded.adapters[loaded.active_adapter], idx, n_new)
     by_library = loaded.generate(idx, n_new, temperature=0.0)
     same = bool(np.array_equal(by_hand, by_library))
-    print(f"Greedy generation with the trained prefix as the pre-filled cache of the plain base:")
+    print("Greedy generation with the trained prefix as the pre-filled cache of the plain base:")
     print(f"  prompt {prompt!r}\n  truth  {answer!r}\n  wrote  {tok.decode(by_hand[0, idx.shape[1]:])!r}")
     print(f"The same tokens as loaded.generate(...): {same}")
     return same

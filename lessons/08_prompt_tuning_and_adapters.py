@@ -124,7 +124,7 @@ def show_adapter(base, x, m):
     section("3. adapters: what trains, and the identity at the start")
     cfg = AdapterConfig(bottleneck_size=m)
     pm = get_peft_model(base, cfg)
-    C, L = base.config.n_embd, base.config.n_layer
+    C = base.config.n_embd
     print(f"pm = get_peft_model(model, AdapterConfig(bottleneck_size={m}))\n")
     pm.print_trainable_parameters()
     print(pm.formula())

@@ -4,7 +4,7 @@ Lesson 09: the fine-tuning methods side by side, and what the usual claims about
 Introductions to fine-tuning say many things: that it beats few-shot prompting, that full fine-tuning is
 expensive and forgets, that PEFT methods are cheap and keep what the model knew, that LoRA performs
 better and prefix tuning is the most parameter-efficient. Here every one of those sentences is a
-measurement, and a rule written in code (tinyllm/compare.py, CLAIMS) turns the measurement into a
+measurement, and a rule written in code (tinyllm/claims.py, CLAIMS) turns the measurement into a
 verdict: supported, not supported, mixed, or not measured. Nothing in the verdict column is typed by hand.
 
 This lesson runs the same comparison as `python -m tinyllm compare` (tinyllm.compare.compare):
@@ -30,8 +30,8 @@ import textwrap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)   # `import tinyllm` from a fresh clone, with no install step
 
-from tinyllm.compare import (DEFAULT_CHECKPOINT, METHODS, NOT_MEASURED, SUPPORTED, NOT_SUPPORTED, MIXED, LRS,
-                             compare, method_config)
+from tinyllm.claims import MIXED, NOT_MEASURED, NOT_SUPPORTED, SUPPORTED
+from tinyllm.compare import DEFAULT_CHECKPOINT, LRS, METHODS, compare, method_config
 from tinyllm.peft import get_peft_model
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "09_comparison")
@@ -76,7 +76,7 @@ def show_claims(claims):
           with --seeds N the spread across seeds shows how much of a difference is luck.
         - "not measured" means the run did not include what the claim needs (e.g. a classification task:
           run `python lessons/09_comparison.py all`).
-        - The rules are in tinyllm/compare.py next to each claim; change a threshold and see what flips.
+        - The rules are in tinyllm/claims.py next to each claim; change a threshold and see what flips.
         """))
 
 

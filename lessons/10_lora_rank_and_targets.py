@@ -266,7 +266,7 @@ def main(ranks=(1, 2, 4, 8, 16, 64), steps=200, batch_size=8, lr=LRS["lora"], ta
     if lo in worse:
         print(f"r = {lo} ends worse too: a rank-{lo} update per matrix is too little for this task in this budget.")
     order = sorted(by_target, key=lambda k: by_target[k]["val_loss"])
-    print(f"Targets, best to worst: " + ", ".join(f"{k} {by_target[k]['val_loss']:.3f}" for k in order) + ".")
+    print("Targets, best to worst: " + ", ".join(f"{k} {by_target[k]['val_loss']:.3f}" for k in order) + ".")
     gap = by_target[order[-1]]["val_loss"] - by_target[order[0]]["val_loss"]
     print(f"Best ({order[0]}) against worst ({order[-1]}): {gap:.3f}, {gap / max(spread, 1e-9):.1f}x the seed-to-seed "
           f"spread: " + ("the same number of parameters does more in some places than in others." if gap > 2 * spread

@@ -308,13 +308,13 @@ def main(steps=200, batch_size=8, task_name="record", n_test=100, ranks=(1, 2, 4
         print(f"On the record's fields, the stricter test: the update cut to rank {lora_r} gets "
               f"{rows[lora_r]['field_accuracy']:.0%} of them right, the whole update {rows['full']['field_accuracy']:.0%}.")
     close = [r for r in ranks if rows[r]["val_loss"] <= 1.1 * rows["full"]["val_loss"]]
-    print(f"The smallest rank within 10% of the whole update's val loss: " +
+    print("The smallest rank within 10% of the whole update's val loss: " +
           (f"r = {close[0]} ({rows[close[0]]['val_loss']:.3f})." if close else f"none up to r = {ranks[-1]}."))
     concentrated = np.mean(list(e_at.values())) > np.mean(list(e_rand.values()))
     if close and close[0] <= lora_r:
         print(f"So here, yes: rank {lora_r} holds what the update does.")
     elif concentrated:
-        print(f"So here, partly: dW is far more concentrated than a random matrix, but matching the whole update took "
+        print("So here, partly: dW is far more concentrated than a random matrix, but matching the whole update took "
               + (f"r = {close[0]}" if close else f"more than r = {ranks[-1]}") + f", more than LoRA's {lora_r}.")
     mean_overlap = np.mean([o["overlap"] for o in overlap.values()]) if overlap else float("nan")
     chance = np.mean([o["chance"] for o in overlap.values()]) if overlap else float("nan")

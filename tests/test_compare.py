@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+import tinyllm.claims as claims
 import tinyllm.compare as cmp
 from tinyllm import GPT, GPTConfig
 from tinyllm.__main__ import main
@@ -15,7 +16,7 @@ from tinyllm.tasks import get_task
 from tinyllm.tokenizer import default_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VERDICTS = {cmp.SUPPORTED, cmp.NOT_SUPPORTED, cmp.MIXED, cmp.NOT_MEASURED}
+VERDICTS = {claims.SUPPORTED, claims.NOT_SUPPORTED, claims.MIXED, claims.NOT_MEASURED}
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +53,16 @@ def test_results_have_every_method_and_metric(quick_run):
             assert run["saved_bytes"] < run["full_copy_bytes"], m
     assert record["few_shot"][0]["k"] == 0 and not record["few_shot"][-1]["fits"]   # no record shot fits in 128
     assert set(record["variants"]) == set(cmp.VARIANTS)
-    assert [c["claim"] for c in results["claims"]] == [c for c, _ in cmp.CLAIMS]
+    assert [c["claim"] for c in results["claims"]] == [c for c, _ in claims.CLAIMS]
     assert all(c["verdict"] in VERDICTS and c["measured"] and c["rule"] for c in results["claims"])
     assert results["pretrain"]["made_now"] and results["timing"]["total_seconds"] > 0
 
 
 def test_report_ends_with_the_claims_table(quick_run):
     lines = (quick_run / "report.md").read_text().strip().splitlines()
-    table = lines[-len(cmp.CLAIMS):]
-    assert lines[-len(cmp.CLAIMS) - 4] == "## Claims, measured at this scale"   # then a blank, the header, ---
-    for i, (row, (claim, _)) in enumerate(zip(table, cmp.CLAIMS), 1):
+    table = lines[-len(claims.CLAIMS):]
+    assert lines[-len(claims.CLAIMS) - 4] == "## Claims, measured at this scale"   # then a blank, the header, ---
+    for i, (row, (claim, _)) in enumerate(zip(table, claims.CLAIMS), 1):
         assert row.startswith(f"| {i} | {claim} |") and any(f"**{v}**" in row for v in VERDICTS), row
 
 
@@ -97,8 +98,8 @@ def test_lesson_09_runs(quick_run, tmp_path):
                     out_dir=str(tmp_path))
     assert set(m["metrics"]["classify"]) == set(cmp.METHODS)
     assert all(0 <= v["accuracy"] <= 1 and v["ms_per_step"] > 0 for v in m["metrics"]["classify"].values())
-    assert len(m["claims"]) == len(cmp.CLAIMS) and set(m["claims"].values()) <= VERDICTS
-    assert m["claims"]["LoRA applies beyond generation"] != cmp.NOT_MEASURED      # classify was run
+    assert len(m["claims"]) == len(claims.CLAIMS) and set(m["claims"].values()) <= VERDICTS
+    assert m["claims"]["LoRA applies beyond generation"] != claims.NOT_MEASURED      # classify was run
     assert os.path.exists(m["report"]) and any(f.endswith("forgetting.png") for f in m["figures"])
 
 # ----------------------------------------------------------------------------------------------------
@@ -196,61 +197,61 @@ def chain(*changes):
 
 R = "record.methods."
 CASES = [  # (rule, change that makes it supported, change that makes it not supported)
-    (cmp.claim_more_examples, None,
+    (claims.claim_more_examples, None,
      chain(setting("record.steps", 1), setting("record.batch_size", 2),
            setting("record.few_shot", [dict(k=k, tokens_per_query=60 * (k + 1), fits=True, accuracy=0.1)
                                        for k in range(4)]))),
-    (cmp.claim_shorter_inputs, None, setting("record.few_shot", [dict(k=0, tokens_per_query=60, fits=True, accuracy=0),
+    (claims.claim_shorter_inputs, None, setting("record.few_shot", [dict(k=0, tokens_per_query=60, fits=True, accuracy=0),
                                                                  dict(k=1, tokens_per_query=55, fits=True,
                                                                       accuracy=0)])),
-    (cmp.claim_complex_instructions, None, setting(R + "*.accuracy", 0.01)),
-    (cmp.claim_structure, None, setting(R + "*.format_rate", 0.02)),
-    (cmp.claim_full_expensive, None, chain(setting(R + "full.seconds_per_step", 0.01),
+    (claims.claim_complex_instructions, None, setting(R + "*.accuracy", 0.01)),
+    (claims.claim_structure, None, setting(R + "*.format_rate", 0.02)),
+    (claims.claim_full_expensive, None, chain(setting(R + "full.seconds_per_step", 0.01),
                                            setting(R + "full.optimizer_state_bytes", 1))),
-    (cmp.claim_full_forgets, None, chain(setting(R + "full.corpus_loss", 0.41), setting(R + "full.fact_recall", 0.49))),
-    (cmp.claim_full_copy, None, chain(setting(R + "full.saved_bytes", 100_000),
+    (claims.claim_full_forgets, None, chain(setting(R + "full.corpus_loss", 0.41), setting(R + "full.fact_recall", 0.49))),
+    (claims.claim_full_copy, None, chain(setting(R + "full.saved_bytes", 100_000),
                                       peft_methods("saved_bytes", 1_000_000))),
-    (cmp.claim_peft_compute, None, peft_methods("seconds_per_step", 0.2)),
-    (cmp.claim_peft_preserves, None, peft_methods("fact_recall", 0.2)),
-    (cmp.claim_peft_faster, None, peft_methods("val_losses", [4.0, 3.0, 2.0])),
-    (cmp.claim_lora_beyond_generation, with_classify, lambda F: with_classify(F, lora_acc=0.45)),
-    (cmp.claim_lora_placement, None, setting("record.variants.lora_place.*.val_loss", 3.0)),
-    (cmp.claim_lora_better, None, setting(R + "lora.accuracy", 0.2)),
-    (cmp.claim_lora_more_params, None, setting(R + "lora.trainable_params", 5_000)),
-    (cmp.claim_lora_rank, None, setting("record.variants.lora_rank.*.val_loss", 1.0)),
-    (cmp.claim_prefix_efficient, setting(R + "prefix.trainable_params", 5_000),
+    (claims.claim_peft_compute, None, peft_methods("seconds_per_step", 0.2)),
+    (claims.claim_peft_preserves, None, peft_methods("fact_recall", 0.2)),
+    (claims.claim_peft_faster, None, peft_methods("val_losses", [4.0, 3.0, 2.0])),
+    (claims.claim_lora_beyond_generation, with_classify, lambda F: with_classify(F, lora_acc=0.45)),
+    (claims.claim_lora_placement, None, setting("record.variants.lora_place.*.val_loss", 3.0)),
+    (claims.claim_lora_better, None, setting(R + "lora.accuracy", 0.2)),
+    (claims.claim_lora_more_params, None, setting(R + "lora.trainable_params", 5_000)),
+    (claims.claim_lora_rank, None, setting("record.variants.lora_rank.*.val_loss", 1.0)),
+    (claims.claim_prefix_efficient, setting(R + "prefix.trainable_params", 5_000),
      setting(R + "prefix.trainable_params", 100_000)),
-    (cmp.claim_prefix_generation, setting(R + "prefix.accuracy", 0.6), setting(R + "prefix.val_loss", 3.0)),
-    (cmp.claim_prefix_narrower, with_classify, lambda F: with_classify(F, prefix_val=0.5, prefix_acc=0.95)),
-    (cmp.claim_prefix_tuning, None, chain(setting("record.variants.prefix_length.*.val_loss", 1.0),
+    (claims.claim_prefix_generation, setting(R + "prefix.accuracy", 0.6), setting(R + "prefix.val_loss", 3.0)),
+    (claims.claim_prefix_narrower, with_classify, lambda F: with_classify(F, prefix_val=0.5, prefix_acc=0.95)),
+    (claims.claim_prefix_tuning, None, chain(setting("record.variants.prefix_length.*.val_loss", 1.0),
                                           setting("record.variants.prefix_init.*.val_loss", 1.0))),
 ]
 
 
 def test_every_claim_has_a_rule_test():
-    assert [rule for rule, _, _ in CASES] == [rule for _, rule in cmp.CLAIMS]
+    assert [rule for rule, _, _ in CASES] == [rule for _, rule in claims.CLAIMS]
 
 
 @pytest.mark.parametrize("rule, supported, not_supported", CASES, ids=[r.__name__ for r, _, _ in CASES])
 def test_rule_both_ways(rule, supported, not_supported):
     yes = (supported or (lambda F: F))(facts())
     measured, verdict = rule(yes)
-    assert verdict == cmp.SUPPORTED, measured
+    assert verdict == claims.SUPPORTED, measured
     measured, verdict = rule(not_supported(facts()))
-    assert verdict == cmp.NOT_SUPPORTED, measured
+    assert verdict == claims.NOT_SUPPORTED, measured
 
 
 @pytest.mark.parametrize("rule, change, verdict", [
-    (cmp.claim_complex_instructions, chain(setting(R + "*.accuracy", 0.0), setting(R + "lora.accuracy", 0.2)),
-     cmp.MIXED),                                                                           # clearly above base, < 0.5
-    (cmp.claim_full_expensive, setting(R + "full.seconds_per_step", 0.01), cmp.MIXED),      # bigger state, not slower
-    (cmp.claim_peft_compute, setting(R + "prompt.seconds_per_step", 0.5), cmp.MIXED),
-    (cmp.claim_lora_more_params, setting(R + "lora.trainable_params", 100_000), cmp.MIXED), # more, but not slightly
-    (cmp.claim_prefix_efficient, None, cmp.MIXED),                                          # 1.25% of the model
-    (cmp.claim_prefix_tuning, setting("record.variants.prefix_init.*.val_loss", 1.0), cmp.MIXED),
-    (cmp.claim_lora_beyond_generation, None, cmp.NOT_MEASURED),                             # no classify task
-    (cmp.claim_prefix_narrower, None, cmp.NOT_MEASURED),
-    (cmp.claim_lora_rank, setting("record.variants", {}), cmp.NOT_MEASURED),
+    (claims.claim_complex_instructions, chain(setting(R + "*.accuracy", 0.0), setting(R + "lora.accuracy", 0.2)),
+     claims.MIXED),                                                                           # clearly above base, < 0.5
+    (claims.claim_full_expensive, setting(R + "full.seconds_per_step", 0.01), claims.MIXED),      # bigger state, not slower
+    (claims.claim_peft_compute, setting(R + "prompt.seconds_per_step", 0.5), claims.MIXED),
+    (claims.claim_lora_more_params, setting(R + "lora.trainable_params", 100_000), claims.MIXED), # more, but not slightly
+    (claims.claim_prefix_efficient, None, claims.MIXED),                                          # 1.25% of the model
+    (claims.claim_prefix_tuning, setting("record.variants.prefix_init.*.val_loss", 1.0), claims.MIXED),
+    (claims.claim_lora_beyond_generation, None, claims.NOT_MEASURED),                             # no classify task
+    (claims.claim_prefix_narrower, None, claims.NOT_MEASURED),
+    (claims.claim_lora_rank, setting("record.variants", {}), claims.NOT_MEASURED),
 ])
 def test_rule_mixed_and_not_measured(rule, change, verdict):
     measured, got = rule((change or (lambda F: F))(facts()))
@@ -258,18 +259,18 @@ def test_rule_mixed_and_not_measured(rule, change, verdict):
 
 
 def test_accuracy_differences_within_noise_are_ties():
-    assert not cmp.clearly_above(0.55, 0.50, 200)          # 2 s.e. of a difference at n=200 is about 0.1
-    assert cmp.clearly_above(0.65, 0.50, 200)
-    assert not cmp.clearly_above(0.01, 0.0, 200)           # two examples out of 200
-    assert not cmp.clearly_above(0.5, 0.0, 2)              # two examples tell nothing
+    assert not claims.clearly_above(0.55, 0.50, 200)          # 2 s.e. of a difference at n=200 is about 0.1
+    assert claims.clearly_above(0.65, 0.50, 200)
+    assert not claims.clearly_above(0.01, 0.0, 200)           # two examples out of 200
+    assert not claims.clearly_above(0.5, 0.0, 2)              # two examples tell nothing
     F = facts()
     F["record"]["methods"]["lora"].update(accuracy=0.52, val_loss=1.1)    # a tie in accuracy: val loss decides
-    assert not cmp.beats(F["record"], "lora", "adapter")
+    assert not claims.beats(F["record"], "lora", "adapter")
     F["record"]["methods"]["lora"]["val_loss"] = 0.9
-    assert cmp.beats(F["record"], "lora", "adapter")
+    assert claims.beats(F["record"], "lora", "adapter")
 
 
 def test_judge_claims_covers_every_claim():
-    rows = cmp.judge_claims(with_classify(facts()))
-    assert len(rows) == len(cmp.CLAIMS)
-    assert all(r["verdict"] in VERDICTS - {cmp.NOT_MEASURED} for r in rows)
+    rows = claims.judge_claims(with_classify(facts()))
+    assert len(rows) == len(claims.CLAIMS)
+    assert all(r["verdict"] in VERDICTS - {claims.NOT_MEASURED} for r in rows)
