@@ -134,3 +134,20 @@ def test_15_memory_at_scale(tmp_path):
     assert xl["full"]["adam"] == pytest.approx(2 * xl["full"]["weights"])
     assert all(xl[k]["total"] < xl["full"]["total"] for k in xl if k != "full")
     assert_figures(m["figures"], tmp_path, 1)
+
+
+def test_16_speed(tmp_path):
+    """The lesson's measurements on a tiny model: no timing goals (those are the bench's), only that every
+    part ran, its numbers are sane, and the two GELUs agree."""
+    tiny = dict(vocab_size=16, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    m = load_lesson("16_speed").main(config=tiny, batch_size=2, repeats=1, gelu_shape=(64, 32), out_dir=tmp_path)
+    assert m["peak_gflops"] > 0 and m["model"]["tokens_per_s"] > 0
+    layers = {r["layer"] for r in m["profile"]}
+    assert {"linear", "attention", "gelu", "layernorm"} <= layers
+    assert sum(r["forward"] + r["backward"] for r in m["profile"]) <= 1.5 * m["step_seconds"]
+    assert m["gelu"]["max_difference"] < 1e-5 and all(t > 0 for t in m["gelu"]["seconds"].values())
+    assert set(m["methods"]) == {"full", "lora", "prefix", "prompt", "adapter", "frozen"}
+    assert m["methods"]["frozen"]["trainable"] == 0 and m["methods"]["full"]["ratio_to_full"] == 1.0
+    assert m["generation"]["base"]["speedup"] > 0
+    assert_figures(m["figures"], tmp_path, 1)
+

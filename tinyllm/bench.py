@@ -366,8 +366,9 @@ def run(configs=("lesson", "wide"), repeats=5, torch_ref=True, out=print):
             f"{'':12} {' '.join(f'{mib(n):>7}' for n in counted)} | {'':13} {mib(r['peak_step_bytes']):>7}")
     out("(activ.: what tinyllm.memory counts the forward keeps for the backward. peak: the step's own "
         "allocations at their highest (tracemalloc), plus the weights and AdamW state held before it)")
-    out(f"(frozen: nothing trained, but the gradient still flows down through every block, as it must for "
-        f"each method here: no method can beat {methods['frozen']['ratio_to_full']:.2f}x by freezing weights)")
+    out(f"(frozen: nothing trained, but the gradient still flows down through every block, as it must for each "
+        f"method here: the floor for LoRA and adapters at {methods['frozen']['ratio_to_full']:.2f}x; prefix and "
+        f"prompt see 10 fewer real tokens)")
 
     g = bench_generate(config)
     results["generate"] = g
