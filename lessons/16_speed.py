@@ -71,18 +71,13 @@ def show_peak(config, B, repeats):
 def show_profile(config, B, peak):
     section("2. where a training step's time goes, layer by layer")
     rows, total = bench.profile_layers(config, B)
-    print(f"{'layer':14} {'forward ms':>10} {'backward ms':>11} {'share':>6} {'matmul GFLOP/s':>15}")
-    for r in sorted(rows, key=lambda r: -(r["forward"] + r["backward"])):
-        seconds = r["forward"] + r["backward"]
-        rate = f"{r['flops'] / seconds / 1e9:15.1f}" if r["flops"] else f"{'-':>15}"
-        print(f"{r['layer']:14} {1000 * r['forward']:10.1f} {1000 * r['backward']:11.1f} "
-              f"{100 * seconds / total:5.1f}% {rate}")
+    print("\n".join(bench.layer_table(rows, total)))        # GFLOP/s: of the layer's matmuls
     linear = next(r for r in rows if r["layer"] == "linear")
     print(f"\nThe linear layers run at {linear['flops'] / (linear['forward'] + linear['backward']) / 1e9 / peak:.0%} "
           f"of the peak: they are one big 2-D matmul each. Attention's matmuls are {config.n_head} heads x "
           f"batch small ones, and its softmax, like GELU and layer norm, is elementwise work on one core.")
-    print("The backward costs about twice the forward: a linear layer needs two matmuls there (dx and dW) "
-          "for the forward's one.")
+    print("A linear layer's backward costs about twice its forward: two matmuls (dx and dW) for the forward's "
+          "one. Freeze its weight and the dW matmul is skipped (part 4).")
     return rows, total
 
 

@@ -189,6 +189,20 @@ def profile_layers(config, B, repeats=3):
     return rows, total
 
 
+def layer_table(rows, total):
+    """profile_layers' rows as lines of a table, slowest layer first, and the time outside the layers."""
+    lines = [f"{'layer':14} {'forward ms':>10} {'backward ms':>11} {'share':>6} {'GFLOP/s':>8}"]
+    for r in sorted(rows, key=lambda r: -(r["forward"] + r["backward"])):
+        seconds = r["forward"] + r["backward"]
+        rate = f"{r['flops'] / seconds / 1e9:8.1f}" if r["flops"] else f"{'-':>8}"
+        lines.append(f"{r['layer']:14} {1000 * r['forward']:10.1f} {1000 * r['backward']:11.1f} "
+                     f"{100 * seconds / total:5.1f}% {rate}")
+    rest = total - sum(r["forward"] + r["backward"] for r in rows)
+    lines.append(f"{'the rest':14} {'':22} {100 * rest / total:5.1f}%   ({1000 * rest:.1f} ms: residual adds, "
+                 f"the tied head's matmul, Python)")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------------
 # the fine-tuning methods side by side
 
@@ -343,15 +357,8 @@ def run(configs=("lesson", "wide"), repeats=5, torch_ref=True, out=print):
     results["layers"] = {r["layer"]: r for r in rows}
     out(f"\nwhere a step's time goes ({configs[0]} config, {1000 * total:.1f} ms per step; GFLOP/s of the "
         f"layers' matmuls, against the {results['peak_gflops']:.0f} peak)")
-    out(f"{'layer':14} {'forward ms':>10} {'backward ms':>11} {'share':>6} {'GFLOP/s':>8}")
-    for r in sorted(rows, key=lambda r: -(r["forward"] + r["backward"])):
-        seconds = r["forward"] + r["backward"]
-        rate = f"{r['flops'] / seconds / 1e9:8.1f}" if r["flops"] else f"{'-':>8}"
-        out(f"{r['layer']:14} {1000 * r['forward']:10.1f} {1000 * r['backward']:11.1f} "
-            f"{100 * seconds / total:5.1f}% {rate}")
-    rest = total - sum(r["forward"] + r["backward"] for r in rows)
-    out(f"{'the rest':14} {'':22} {100 * rest / total:5.1f}%   ({1000 * rest:.1f} ms: residual adds, the tied "
-        f"head's matmul, Python)")
+    for line in layer_table(rows, total):
+        out(line)
 
     methods = bench_methods(config, B, repeats)
     results["methods"] = methods
