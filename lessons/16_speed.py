@@ -57,8 +57,8 @@ def show_peak(config, B, repeats):
     section("1. the matmul peak, and a training step against it")
     peak = bench.matmul_peak(repeats=repeats)
     model = bench.bench_model(config, B, repeats, torch_ref=False)
-    print(f"one 2048 x 2048 float32 matmul, its fastest run: {peak:.1f} GFLOP/s. That is the ceiling: nothing here does more "
-          f"arithmetic per second.")
+    print(f"one 2048 x 2048 float32 matmul, its fastest run: {peak:.1f} GFLOP/s. That is the ceiling: nothing "
+          f"here does more arithmetic per second.")
     print(f"forward + backward of the model (batch {B} x {config.block_size} tokens): "
           f"{1000 * model['seconds']:.1f} ms, {model['tokens_per_s']:,.0f} tokens/s, {model['gflops']:.1f} GFLOP/s of "
           f"matmul work = {100 * model['gflops'] / peak:.0f}% of the peak.")
