@@ -210,6 +210,7 @@ def attention_backward(dout, cache):
     np.matmul(dscores, k, out=dq)                                # (B,NH,T,hs)
     dq *= scale
     dk = dscores.transpose(0, 1, 3, 2) @ q                       # (B,NH,P+T,hs)
+    # of the P+T keys and values the first P are the past's: their gradients go back as dpast_k, dpast_v
     dk_new[...] = dk[:, :, P:]
     dk_new *= scale
     dv_new[...] = dv[:, :, P:]
