@@ -65,9 +65,10 @@ def add_bench(subparsers):
     p = subparsers.add_parser(
         "bench", help="measure speed: tokens/s, GFLOP/s against the matmul peak, step time per method",
         description="Time forward+backward on the 'lesson' and 'wide' configs (and PyTorch eager on the same "
-                    "model when torch is installed), profile each layer, compare each fine-tuning method's step "
-                    "time and memory with full fine-tuning, and time generation with and without the KV cache. "
-                    "Medians of --repeats runs, all in this one process.")
+                    "model when torch is installed), profile each layer against the matmul peak, compare each "
+                    "fine-tuning method's step time and memory with full fine-tuning and with a model that trains "
+                    "nothing, and time each method's generation with and without the KV cache. Medians of "
+                    "--repeats runs, all in this one process (the peak: the fastest run).")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure; medians are reported (default 5)")
     p.add_argument("--configs", nargs="+", default=["lesson", "wide"], choices=["lesson", "wide"],
                    help="model configs to time (default: both)")
