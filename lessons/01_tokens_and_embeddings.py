@@ -36,6 +36,7 @@ from tinyllm.layers import cross_entropy_forward, embedding_forward
 from tinyllm.model import GPT, GPTConfig
 from tinyllm.tokenizer import TokenizerError, default_tokenizer
 from tinyllm.train import PRETRAIN_DATA
+from lessons.common import section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "01_tokens_and_embeddings")
 # a pretrained model, if there is one: `python -m tinyllm pretrain` writes the first, lesson 04 the second
@@ -46,10 +47,6 @@ CHECKPOINTS = (os.path.join(ROOT, "runs", "pretrain", "ckpt.npz"),
 def show(ch):
     """A character as it can be printed on one line or an axis: newline and space made visible."""
     return {"\n": "\\n", " ": "␣"}.get(ch, ch)
-
-
-def section(title):
-    print(f"\n{'-' * 100}\n{title}\n")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from tinyllm.layers import attention_forward, layernorm_forward, linear_forward
 from tinyllm.model import GPT, GPTConfig, gpt_forward
 from tinyllm.tokenizer import default_tokenizer
 from tinyllm.train import PRETRAIN_DATA
+from lessons.common import section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "02_attention")
 # a pretrained model, if there is one: `python -m tinyllm pretrain` writes the first, lesson 04 the second
@@ -51,10 +52,6 @@ CHECKPOINTS = (os.path.join(ROOT, "runs", "pretrain", "ckpt.npz"),
 def show(ch):
     """A character as it can be printed on one line or an axis: newline and space made visible."""
     return {"\n": "\\n", " ": "␣"}.get(ch, ch)
-
-
-def section(title):
-    print(f"\n{'-' * 100}\n{title}\n")
 
 
 def load_model(checkpoints, config, seed):

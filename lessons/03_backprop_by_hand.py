@@ -41,15 +41,12 @@ from tinyllm.layers import (attention_backward, attention_forward, cross_entropy
                             linear_forward)
 from tinyllm.model import GPTConfig, gpt_backward, gpt_forward, init_params
 from tinyllm.tokenizer import default_tokenizer
+from lessons.common import section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "03_backprop_by_hand")
 TINY = dict(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16)   # ~7,800 parameters
 MODEL_TOL = 1e-6    # a whole model, float64: many layers of rounding add up
 LAYER_TOL = 1e-7    # one layer, float64 (cs231n's threshold for a correct gradient)
-
-
-def section(title):
-    print(f"\n{'-' * 100}\n{title}\n")
 
 
 def moved_from_init(config, seed):

@@ -40,16 +40,9 @@ from tinyllm.data import ATTRIBUTES, World, fact_recall_examples, make_corpus
 from tinyllm.model import GPTConfig
 from tinyllm.tasks import evaluate
 from tinyllm.train import PRETRAIN, PRETRAIN_DATA, QUICK, pretrain
+from lessons.common import indented, section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "04_pretraining")
-
-
-def section(title):
-    print(f"\n{'-' * 100}\n{title}\n")
-
-
-def indented(line):
-    print("  " + line.replace("\n", "\n  "), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------

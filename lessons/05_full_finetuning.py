@@ -48,30 +48,14 @@ from tinyllm.finetune import VAL_EXAMPLES, finetune, knowledge_probe, measure_ba
 from tinyllm.optim import AdamW
 from tinyllm.peft import FullFineTuningConfig, get_peft_model
 from tinyllm.tasks import get_task
-from tinyllm.train import load_base as train_load_base
+from lessons.common import CHECKPOINT, indented, load_base, section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "05_full_finetuning")
-CHECKPOINT = os.path.join(ROOT, "runs", "pretrain", "ckpt.npz")      # `python -m tinyllm pretrain` writes it
-LESSON_04 = os.path.join(ROOT, "runs", "lessons", "04_pretraining", "ckpt.npz")
 LR = LRS["full"]   # the learning rate tinyllm.compare measured best for full fine-tuning on this task
-
-
-def section(title):
-    print(f"\n{'-' * 100}\n{title}\n")
-
-
-def indented(line):
-    print("  " + line, flush=True)
 
 
 def mb(n_bytes):
     return f"{n_bytes / 1e6:.2f} MB"
-
-
-def load_base(checkpoint, config, seed=0):
-    """The base model, its tokenizer, its corpus settings and where it came from: the checkpoint (or lesson
-    04's, or a new pretraining run), or with config a new random GPT of that size (the tests' tiny one)."""
-    return train_load_base(checkpoint, config, seed, fallback=LESSON_04, echo=indented)
 
 
 def gpt2_count(config, k=None):

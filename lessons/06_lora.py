@@ -50,26 +50,10 @@ from tinyllm.peft import LoraConfig, PeftModel, get_peft_model
 from tinyllm.peft.lora import find_targets, module_shapes
 from tinyllm.tasks import evaluate, get_task
 from tinyllm.train import TrainConfig, train
-from tinyllm.train import load_base as train_load_base
+from lessons.common import CHECKPOINT, indented, load_base, max_diff, same_length_prompts, section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "06_lora")
-CHECKPOINT = os.path.join(ROOT, "runs", "pretrain", "ckpt.npz")      # `python -m tinyllm pretrain` writes it
-LESSON_04 = os.path.join(ROOT, "runs", "lessons", "04_pretraining", "ckpt.npz")
 LR = LRS["lora"]   # the learning rate tinyllm.compare measured best for LoRA: larger than full fine-tuning's
-
-
-def section(title):
-    print(f"\n{'-' * 100}\n{title}\n")
-
-
-def indented(line):
-    print("  " + line, flush=True)
-
-
-def load_base(checkpoint, config, seed=0):
-    """The base model, its tokenizer, its corpus settings and where it came from: the checkpoint (or lesson
-    04's, or a new pretraining run), or with config a new random GPT of that size (the tests' tiny one)."""
-    return train_load_base(checkpoint, config, seed, fallback=LESSON_04, echo=indented)
 
 
 def train_adapter(pm, tok, task, steps, lr, batch_size, seed, n_val):
@@ -92,18 +76,6 @@ def train_adapter(pm, tok, task, steps, lr, batch_size, seed, n_val):
     history = train(pm, task_batches(tok, task, block_size, batch_size), cfg, eval_fn=eval_fn, out=indented)
     pm.eval()
     return history
-
-
-def same_length_prompts(tok, examples, n):
-    """Up to n prompts of the most common length, stacked into one (B,T) batch with no padding."""
-    ids = [tok.encode(prompt) for prompt, _ in examples]
-    lengths = [len(i) for i in ids]
-    T = max(set(lengths), key=lengths.count)
-    return np.stack([i for i in ids if len(i) == T][:n])
-
-
-def max_diff(a, b):
-    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -49,39 +49,11 @@ from tinyllm.finetune import VAL_EXAMPLES, finetune, full_copy_bytes, measure_ba
 from tinyllm.model import gpt_forward
 from tinyllm.peft import PeftModel, PrefixTuningConfig, get_peft_model
 from tinyllm.tasks import get_task
-from tinyllm.train import load_base as train_load_base
+from lessons.common import CHECKPOINT, indented, load_base, max_diff, same_length_prompts, section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "07_prefix_tuning")
-CHECKPOINT = os.path.join(ROOT, "runs", "pretrain", "ckpt.npz")      # `python -m tinyllm pretrain` writes it
-LESSON_04 = os.path.join(ROOT, "runs", "lessons", "04_pretraining", "ckpt.npz")
 LR = LRS["prefix"]    # tinyllm.compare's, measured: the prefixes are few numbers and want a large step
 LR_PROJECTION = 1e-2  # measured for the MLP on this task: 3e-3, 3e-2 and 1e-1 all ended higher
-
-
-def section(title):
-    print(f"\n{'-' * 100}\n{title}\n")
-
-
-def indented(line):
-    print("  " + line, flush=True)
-
-
-def load_base(checkpoint, config, seed=0):
-    """The base model, its tokenizer, its corpus settings and where it came from: the checkpoint (or lesson
-    04's, or a new pretraining run), or with config a new random GPT of that size (the tests' tiny one)."""
-    return train_load_base(checkpoint, config, seed, fallback=LESSON_04, echo=indented)
-
-
-def same_length_prompts(tok, examples, n):
-    """Up to n prompts of the most common length, stacked into one (B,T) batch with no padding."""
-    ids = [tok.encode(prompt) for prompt, _ in examples]
-    lengths = [len(i) for i in ids]
-    T = max(set(lengths), key=lengths.count)
-    return np.stack([i for i in ids if len(i) == T][:n])
-
-
-def max_diff(a, b):
-    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
 
 
 def prefix_as_cache(adapter, n_layer, n_head, B):

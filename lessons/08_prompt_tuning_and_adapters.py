@@ -46,38 +46,10 @@ from tinyllm.finetune import VAL_EXAMPLES, finetune, full_copy_bytes, measure_ba
 from tinyllm.peft import (AdapterConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
                           get_peft_model)
 from tinyllm.tasks import get_task
-from tinyllm.train import load_base as train_load_base
+from lessons.common import CHECKPOINT, load_base, max_diff, same_length_prompts, section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "08_prompt_tuning_and_adapters")
-CHECKPOINT = os.path.join(ROOT, "runs", "pretrain", "ckpt.npz")      # `python -m tinyllm pretrain` writes it
-LESSON_04 = os.path.join(ROOT, "runs", "lessons", "04_pretraining", "ckpt.npz")
 LR = LRS   # each method's learning rate, as tinyllm.compare measured them on the record task
-
-
-def section(title):
-    print(f"\n{'-' * 100}\n{title}\n")
-
-
-def indented(line):
-    print("  " + line, flush=True)
-
-
-def load_base(checkpoint, config, seed=0):
-    """The base model, its tokenizer, its corpus settings and where it came from: the checkpoint (or lesson
-    04's, or a new pretraining run), or with config a new random GPT of that size (the tests' tiny one)."""
-    return train_load_base(checkpoint, config, seed, fallback=LESSON_04, echo=indented)
-
-
-def same_length_prompts(tok, examples, n):
-    """Up to n prompts of the most common length, stacked into one (B,T) batch with no padding."""
-    ids = [tok.encode(prompt) for prompt, _ in examples]
-    lengths = [len(i) for i in ids]
-    T = max(set(lengths), key=lengths.count)
-    return np.stack([i for i in ids if len(i) == T][:n])
-
-
-def max_diff(a, b):
-    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
 
 
 # ----------------------------------------------------------------------------------------------------

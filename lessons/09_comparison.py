@@ -33,16 +33,9 @@ sys.path.insert(0, ROOT)   # `import tinyllm` from a fresh clone, with no instal
 from tinyllm.claims import MIXED, NOT_MEASURED, NOT_SUPPORTED, SUPPORTED
 from tinyllm.compare import DEFAULT_CHECKPOINT, LRS, METHODS, compare, method_config
 from tinyllm.peft import get_peft_model
+from lessons.common import indented, section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "09_comparison")
-
-
-def section(title):
-    print(f"\n{'-' * 100}\n{title}\n")
-
-
-def indented(line):
-    print("  " + line.replace("\n", "\n  "), flush=True)
 
 
 def show_methods():

@@ -41,30 +41,14 @@ from tinyllm.finetune import finetune, measure_base
 from tinyllm.peft import LoraConfig
 from tinyllm.peft.lora import find_targets, module_shapes
 from tinyllm.tasks import get_task
-from tinyllm.train import load_base as train_load_base
+from lessons.common import CHECKPOINT, load_base, section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "10_lora_rank_and_targets")
-CHECKPOINT = os.path.join(ROOT, "runs", "pretrain", "ckpt.npz")
-LESSON_04 = os.path.join(ROOT, "runs", "lessons", "04_pretraining", "ckpt.npz")
 TARGETS = {   # label: target_modules
     "q": ["c_attn.q"], "k": ["c_attn.k"], "v": ["c_attn.v"], "q,v": ["c_attn.q", "c_attn.v"],
     "q|k|v (c_attn)": ["c_attn"], "all attention": ["c_attn", "attn.c_proj"], "MLP": ["mlp.c_fc", "mlp.c_proj"],
 }
 MAIN_TARGET, MAIN_RANK = "q|k|v (c_attn)", 8     # the comparison's LoRA: r = 8 on c_attn
-
-
-def section(title):
-    print(f"\n{'-' * 100}\n{title}\n")
-
-
-def indented(line):
-    print("  " + line, flush=True)
-
-
-def load_base(checkpoint, config, seed=0):
-    """The base model, its tokenizer, its corpus settings and where it came from: the checkpoint (or lesson
-    04's, or a new pretraining run), or with config a new random GPT of that size (the tests' tiny one)."""
-    return train_load_base(checkpoint, config, seed, fallback=LESSON_04, echo=indented)
 
 
 def lora(r, targets):

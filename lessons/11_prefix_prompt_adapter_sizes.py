@@ -42,27 +42,11 @@ from tinyllm.data import World
 from tinyllm.finetune import finetune, measure_base
 from tinyllm.peft import AdapterConfig, PrefixTuningConfig, PromptTuningConfig
 from tinyllm.tasks import get_task
-from tinyllm.train import load_base as train_load_base
+from lessons.common import CHECKPOINT, load_base, section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "11_prefix_prompt_adapter_sizes")
-CHECKPOINT = os.path.join(ROOT, "runs", "pretrain", "ckpt.npz")
-LESSON_04 = os.path.join(ROOT, "runs", "lessons", "04_pretraining", "ckpt.npz")
 MAIN_P, MAIN_M = 10, 16          # the sizes tinyllm.compare uses
 COLORS = {"prefix": "tab:green", "prompt": "tab:purple", "adapter": "tab:orange"}
-
-
-def section(title):
-    print(f"\n{'-' * 100}\n{title}\n")
-
-
-def indented(line):
-    print("  " + line, flush=True)
-
-
-def load_base(checkpoint, config, seed=0):
-    """The base model, its tokenizer, its corpus settings and where it came from: the checkpoint (or lesson
-    04's, or a new pretraining run), or with config a new random GPT of that size (the tests' tiny one)."""
-    return train_load_base(checkpoint, config, seed, fallback=LESSON_04, echo=indented)
 
 
 def fitting(task, tok, room):

@@ -43,27 +43,11 @@ from tinyllm.compare import LRS, method_config, record_scores
 from tinyllm.data import World
 from tinyllm.finetune import finetune, measure_base, val_loss_fn
 from tinyllm.tasks import evaluate, get_task
-from tinyllm.train import load_base as train_load_base
+from lessons.common import CHECKPOINT, load_base, section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "13_is_the_update_low_rank")
-CHECKPOINT = os.path.join(ROOT, "runs", "pretrain", "ckpt.npz")
-LESSON_04 = os.path.join(ROOT, "runs", "lessons", "04_pretraining", "ckpt.npz")
 MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")    # the weight matrices of a block
 COLORS = dict(zip(MATRICES, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
-
-
-def section(title):
-    print(f"\n{'-' * 100}\n{title}\n")
-
-
-def indented(line):
-    print("  " + line, flush=True)
-
-
-def load_base(checkpoint, config, seed=0):
-    """The base model, its tokenizer, its corpus settings and where it came from: the checkpoint (or lesson
-    04's, or a new pretraining run), or with config a new random GPT of that size (the tests' tiny one)."""
-    return train_load_base(checkpoint, config, seed, fallback=LESSON_04, echo=indented)
 
 
 # ----------------------------------------------------------------------------------------------------

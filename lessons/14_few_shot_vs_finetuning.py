@@ -32,26 +32,10 @@ from tinyllm.compare import LRS, method_config
 from tinyllm.data import World
 from tinyllm.finetune import finetune, val_loss_fn
 from tinyllm.tasks import TASKS, evaluate, few_shot_task, get_task
-from tinyllm.train import load_base as train_load_base
+from lessons.common import CHECKPOINT, load_base, section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "14_few_shot_vs_finetuning")
-CHECKPOINT = os.path.join(ROOT, "runs", "pretrain", "ckpt.npz")
-LESSON_04 = os.path.join(ROOT, "runs", "lessons", "04_pretraining", "ckpt.npz")
 COLORS = {"lora": "tab:blue", "full": "tab:red"}
-
-
-def section(title):
-    print(f"\n{'-' * 100}\n{title}\n")
-
-
-def indented(line):
-    print("  " + line, flush=True)
-
-
-def load_base(checkpoint, config, seed=0):
-    """The base model, its tokenizer, its corpus settings and where it came from: the checkpoint (or lesson
-    04's, or a new pretraining run), or with config a new random GPT of that size (the tests' tiny one)."""
-    return train_load_base(checkpoint, config, seed, fallback=LESSON_04, echo=indented)
 
 
 def tokens(tok, text):

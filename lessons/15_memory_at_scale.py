@@ -42,6 +42,7 @@ from tinyllm.optim import AdamW
 from tinyllm.compare import METHODS as METHOD_NAMES
 from tinyllm.compare import method_config
 from tinyllm.peft import AdapterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from lessons.common import section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "15_memory_at_scale")
 GIB = 2 ** 30
@@ -50,10 +51,6 @@ ACCELERATORS = (16, 24, 80)   # GiB on common GPUs, for scale
 COLORS = {"full": "tab:red", "lora": "tab:blue", "prefix": "tab:green", "prompt": "tab:purple",
           "adapter": "tab:orange"}
 PARTS = ("weights", "gradients", "adam", "activations")
-
-
-def section(title):
-    print(f"\n{'-' * 100}\n{title}\n")
 
 
 def gib(n_bytes):

@@ -41,13 +41,10 @@ import numpy as np
 from tinyllm import bench
 from tinyllm.layers import GELU_SCALE, gelu_forward
 from tinyllm.model import GPTConfig
+from lessons.common import section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "16_speed")
 LESSON_CONFIG, LESSON_BATCH = bench.CONFIGS["lesson"]   # the model of lessons 04-15
-
-
-def section(title):
-    print(f"\n{'-' * 100}\n{title}\n")
 
 
 # ----------------------------------------------------------------------------------------------------
