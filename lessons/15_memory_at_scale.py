@@ -36,7 +36,7 @@ matplotlib.use("Agg")      # write image files; no window needed
 import matplotlib.pyplot as plt
 import numpy as np
 
-from tinyllm.memory import GPT2_SIZES, base_count, training_memory
+from tinyllm.memory import GPT2_SIZES, activation_arrays, base_count, training_memory
 from tinyllm.model import GPT, GPTConfig
 from tinyllm.optim import AdamW
 from tinyllm.compare import METHODS as METHOD_NAMES
@@ -82,23 +82,6 @@ def show_counts(mc):
 # ----------------------------------------------------------------------------------------------------
 # 2. the calculator against tinyllm's own arrays
 
-def cached_floats(obj, params, seen):
-    """Numbers in the distinct float arrays a forward cache holds, leaving out the parameters themselves
-    (a cache refers to the weights it used) and views of arrays already counted."""
-    if isinstance(obj, np.ndarray):
-        base = obj if obj.base is None else obj.base
-        if not isinstance(base, np.ndarray) or id(base) in seen or id(base) in params \
-                or not np.issubdtype(base.dtype, np.floating):
-            return 0
-        seen.add(id(base))
-        return base.size
-    if isinstance(obj, dict):
-        return sum(cached_floats(v, params, seen) for k, v in obj.items() if k not in ("p", "present"))
-    if isinstance(obj, (list, tuple)):
-        return sum(cached_floats(v, params, seen) for v in obj)
-    return 0
-
-
 def measure_step(mc, method, batch_size, seq_len, seed=0):
     """Run one real training step of method on a random GPT and count its arrays."""
     pm = get_peft_model(GPT(mc, seed=seed), method, seed=seed)
@@ -107,8 +90,8 @@ def measure_step(mc, method, batch_size, seq_len, seed=0):
     y = rng.integers(0, mc.vocab_size, (batch_size, seq_len))                    # (B,T)
     optimizer = AdamW(pm.trainable_parameters(), lr=1e-3)
     pm.forward(x, y)
-    params = {id(a) for a in pm.base_model.params.values()} | {id(a) for a in pm.adapters["default"].values()}
-    activations = cached_floats(pm._cache, params, set())
+    weights = [*pm.base_model.params.values(), *pm.adapters["default"].values()]
+    activations = sum(a.size for a in activation_arrays(pm._cache, weights) if a.dtype.kind == "f")
     grads = pm.backward()
     optimizer.step(grads)
     return {"weights": pm.get_nb_trainable_parameters()[1], "gradients": sum(g.size for g in grads.values()),

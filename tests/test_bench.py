@@ -74,11 +74,6 @@ def test_bench_methods_ratios_and_memory_counts():
     assert rows["frozen"]["weights_bytes"] == rows["full"]["weights_bytes"]
 
 
-def test_nbytes_unique_counts_views_once():
-    a = np.zeros((4, 8), np.float32)
-    assert bench.nbytes_unique([a, a[:2], a.T, {"x": a}]) == a.nbytes
-
-
 def test_activation_bytes_match_the_memory_calculator():
     """The cache holds the calculator's float activations plus a few small int arrays (ids, targets,
     counted rows): within 2%. Counting the weights too would double the figure."""

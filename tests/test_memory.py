@@ -6,7 +6,7 @@ forward caches for the backward. And the GPT-2 sizes are the released ones.
 import numpy as np
 import pytest
 
-from tinyllm.memory import (DTYPE_BYTES, GPT2_SIZES, activation_count, added_count, base_count,
+from tinyllm.memory import (DTYPE_BYTES, GPT2_SIZES, activation_arrays, activation_count, added_count, base_count,
                             trainable_count, training_memory)
 from tinyllm.model import GPT, GPTConfig
 from tinyllm.optim import AdamW
@@ -35,22 +35,6 @@ METHODS = {
 }
 
 
-def cached_floats(obj, params, seen):
-    """Numbers in the distinct float arrays reachable from a cache, parameters and views left out."""
-    if isinstance(obj, np.ndarray):
-        base = obj if obj.base is None else obj.base
-        if not isinstance(base, np.ndarray) or id(base) in seen or id(base) in params \
-                or not np.issubdtype(base.dtype, np.floating):
-            return 0
-        seen.add(id(base))
-        return base.size
-    if isinstance(obj, dict):
-        return sum(cached_floats(v, params, seen) for k, v in obj.items() if k not in ("p", "present"))
-    if isinstance(obj, (list, tuple)):
-        return sum(cached_floats(v, params, seen) for v in obj)
-    return 0
-
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("mc", SMALL, ids=["L2C16", "L3C24"])
 def test_counts_match_the_peft_model(method, mc):
@@ -71,13 +55,21 @@ def test_one_training_step_holds_what_is_counted(method):
     pm = get_peft_model(GPT(mc), cfg)
     x = np.random.default_rng(0).integers(0, mc.vocab_size, (B, T))
     pm.forward(x, x)
-    params = {id(a) for a in pm.base_model.params.values()} | {id(a) for a in pm.adapters["default"].values()}
-    assert cached_floats(pm._cache, params, set()) == activation_count(mc, cfg, B, T)
+    weights = [*pm.base_model.params.values(), *pm.adapters["default"].values()]
+    assert sum(a.size for a in activation_arrays(pm._cache, weights) if a.dtype.kind == "f") == activation_count(mc, cfg, B, T)
     grads = pm.backward()
     assert sum(g.size for g in grads.values()) == trainable_count(cfg, mc)
     opt = AdamW(pm.trainable_parameters())
     opt.step(grads)
     assert opt.state_bytes() == training_memory(mc, cfg, B, T)["bytes"]["adam"]
+
+
+def test_activation_arrays_counts_each_array_once_and_no_weights():
+    a, w, prefix_out = np.zeros((4, 8), np.float32), np.ones(3, np.float32), np.ones((2, 6), np.float32)
+    cache = [a, a[:2], a.T[1:], {"x": a, "w": w, "p": {"prefix": prefix_out[:, :3]}}]
+    found = activation_arrays(cache, weights=[w])
+    assert len(found) == 1 and found[0] is a                 # views of a: a once; w and the 'p' dict left out
+    assert len(activation_arrays(cache, weights=[])) == 2    # w counts once it is not named a weight
 
 
 def test_gpt2_sizes():

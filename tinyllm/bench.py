@@ -217,25 +217,6 @@ def method_configs():
             "adapter": AdapterConfig(bottleneck_size=16)}
 
 
-def nbytes_unique(obj, seen=None):
-    """Bytes of every distinct array reachable from a cache (tuples, lists, dicts), views counted once.
-    Arrays whose id is in `seen` beforehand (pass the parameters') are not counted."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, np.ndarray):
-        base = obj
-        while isinstance(base.base, np.ndarray):   # a view of a view...: count the array that owns the memory
-            base = base.base
-        if id(base) in seen or not isinstance(base, np.ndarray):
-            return 0
-        seen.add(id(base))
-        return base.nbytes
-    if isinstance(obj, dict):
-        return sum(nbytes_unique(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(nbytes_unique(v, seen) for v in obj)
-    return 0
-
-
 def interleaved_medians(steps, repeats):
     """Median seconds of each function in steps ({name: fn}), timed in turns (one call of each per
     round), so that a change in the machine's load hits every method alike."""
@@ -259,7 +240,7 @@ def bench_methods(config, B, repeats=5):
     gradient down through every block, as every method here must (each trains something in or below the
     first block), so its ratio is the floor for a method on the same tokens (prefix and prompt tuning see
     10 fewer real ones: their virtual tokens take that room)."""
-    from .memory import activation_count
+    from .memory import activation_arrays, activation_count
     from .peft import FullFineTuningConfig, get_peft_model
     x, y = random_batch(config, B)
     runs, configs = {}, method_configs()   # runs: name -> (model, its cache after a forward, optimizer, T)
@@ -280,10 +261,9 @@ def bench_methods(config, B, repeats=5):
     for name, (model, cache, opt, T) in runs.items():
         weights = model.base_model.params if name != "frozen" else model.params
         adapters = [a for ad in model.adapters.values() for a in ad.values()] if name != "frozen" else []
-        weight_ids = {id(a) for a in [*weights.values(), *adapters]}
         tracemalloc.start()
         model.forward(x[:, :T], y[:, :T])
-        activations = nbytes_unique(cache(), weight_ids)         # what the forward keeps for the backward
+        activations = sum(a.nbytes for a in activation_arrays(cache(), [*weights.values(), *adapters]))
         opt.step(model.backward())
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()

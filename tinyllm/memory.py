@@ -21,6 +21,8 @@ once; token ids not counted; LoRA dropout off); other frameworks keep somewhat d
 Legend: L layers, C channels, NH heads, V vocabulary, B batch, T tokens, P virtual tokens, H prefix MLP
 width, r LoRA rank, m adapter width.
 """
+import numpy as np
+
 from .model import GPTConfig, param_shapes
 from .peft import (AdapterConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig,
                    PromptTuningConfig)
@@ -126,6 +128,33 @@ def activation_count(mc, method, batch_size, seq_len):
     if isinstance(method, PrefixTuningConfig) and method.prefix_projection:
         n += P * method.encoder_hidden_size
     return n
+
+
+def activation_arrays(cache, weights):
+    """The arrays a forward really keeps for its backward, to check activation_count against: every
+    distinct array reachable from the cache (dicts, lists, tuples), each once however many views of it
+    the cache holds. Parameters are not activations: the arrays in `weights` are left out, and so is a
+    gpt_forward cache's own 'p', the parameter dict the forward ran on (with prefix_projection it also
+    holds the prefixes the MLP computed)."""
+    skip = {id(w) for w in weights}
+    found = {}
+
+    def walk(obj):
+        if isinstance(obj, np.ndarray):
+            base = obj
+            while isinstance(base.base, np.ndarray):   # a view of a view...: the array that owns the memory
+                base = base.base
+            if id(base) not in skip:
+                found[id(base)] = base
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                if k != "p":
+                    walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+    walk(cache)
+    return list(found.values())
 
 
 # ----------------------------------------------------------------------------------------------------
