@@ -394,7 +394,10 @@ def test_save_and_load_round_trip(method, tmp_path):
         assert sorted(trainable.trainable_parameters()) == sorted(saved_keys(method))
     else:
         assert sorted(trainable.trainable_parameters()) == trainable_keys
+    before = snapshot(trainable.trainable_parameters())
     sgd_steps(trainable, n=1)                # and it does train
+    after = trainable.trainable_parameters()
+    assert [k for k in before if np.array_equal(before[k], after[k])] == []
 
 
 @pytest.mark.parametrize("method", list(METHODS))
