@@ -20,6 +20,13 @@ if ROOT not in sys.path:
 _WORST = defaultdict(float)   # group -> worst relative error seen in this run
 
 
+@pytest.fixture(scope="module")
+def world():
+    """The default synthetic world (people, places, facts) the data and task tests read."""
+    from tinyllm.data import World
+    return World()
+
+
 @pytest.fixture
 def record_error():
     """record_error(group, rel) keeps the largest relative error seen per group, for the summary."""

@@ -1,7 +1,8 @@
-"""What the PEFT tests share: a small float64 base whose weights are all moved off their init, and one
-config factory per method."""
+"""What the PEFT tests share: a small float64 base whose weights are all moved off their init, one config
+factory per method, and a batch with some targets ignored."""
 import numpy as np
 
+from tinyllm.layers import IGNORE_INDEX
 from tinyllm.model import GPT, GPTConfig
 from tinyllm.peft import (AdapterConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig,
                           PromptTuningConfig, get_peft_model)
@@ -39,10 +40,23 @@ def make_base(seed=0, config=CFG):
     return model
 
 
-def make_peft(method, base=None, seed=0):
-    """The method on a perturbed base, its own parameters moved off their (often zero) init too."""
-    pm = get_peft_model(make_base() if base is None else base, METHODS[method]())
+def perturb(pm, seed=0):
+    """Move the active adapter's own parameters off their (often zero) init."""
     rng = np.random.default_rng(2000 + seed)
     for v in pm.adapters[pm.active_adapter].values():
         v += rng.normal(0.0, 0.1, v.shape)
     return pm
+
+
+def make_peft(method, base=None, seed=0):
+    """The method on a perturbed base, its own parameters perturbed too."""
+    return perturb(get_peft_model(make_base() if base is None else base, METHODS[method]()), seed)
+
+
+def make_batch(B=2, T=6, seed=0):
+    """Random token ids and targets, two of the targets IGNORE_INDEX."""
+    rng = np.random.default_rng(100 + seed)
+    idx = rng.integers(0, CFG.vocab_size, (B, T))
+    targets = rng.integers(0, CFG.vocab_size, (B, T))
+    targets[0, 1] = targets[1, 4] = IGNORE_INDEX
+    return idx, targets

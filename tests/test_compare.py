@@ -1,7 +1,6 @@
 """`python -m tinyllm compare`: the files it writes, the claims' rules (on hand-made numbers, both ways), lesson 09."""
 import copy
 import dataclasses
-import importlib.util
 import json
 import os
 
@@ -14,8 +13,8 @@ from tinyllm.__main__ import main
 from tinyllm.data import World
 from tinyllm.tasks import get_task
 from tinyllm.tokenizer import default_tokenizer
+from lesson_helpers import PNG_MAGIC, load_lesson
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERDICTS = {claims.SUPPORTED, claims.NOT_SUPPORTED, claims.MIXED, claims.NOT_MEASURED}
 
 
@@ -34,7 +33,7 @@ def test_quick_run_writes_every_file(quick_run):
     for name in names:
         if name.endswith(".png"):
             with open(quick_run / name, "rb") as f:
-                assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+                assert f.read(8) == PNG_MAGIC, name
 
 
 def test_results_have_every_method_and_metric(quick_run):
@@ -91,11 +90,8 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
 
 
 def test_lesson_09_runs(quick_run, tmp_path):
-    spec = importlib.util.spec_from_file_location("lesson_09", os.path.join(ROOT, "lessons", "09_comparison.py"))
-    lesson = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lesson)
-    m = lesson.main(task="classify", quick=True, checkpoint=str(quick_run / "pretrain" / "ckpt.npz"),
-                    out_dir=str(tmp_path))
+    m = load_lesson("09_comparison").main(task="classify", quick=True, out_dir=str(tmp_path),
+                                          checkpoint=str(quick_run / "pretrain" / "ckpt.npz"))
     assert set(m["metrics"]["classify"]) == set(cmp.METHODS)
     assert all(0 <= v["accuracy"] <= 1 and v["ms_per_step"] > 0 for v in m["metrics"]["classify"].values())
     assert len(m["claims"]) == len(claims.CLAIMS) and set(m["claims"].values()) <= VERDICTS

@@ -10,11 +10,6 @@ from tinyllm.tokenizer import default_tokenizer
 
 
 @pytest.fixture(scope="module")
-def world():
-    return World()
-
-
-@pytest.fixture(scope="module")
 def corpus(world):
     return make_corpus(world)
 

@@ -23,37 +23,13 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from tinyllm.layers import IGNORE_INDEX                                          # noqa: E402
-from tinyllm.model import GPT, GPTConfig                                        # noqa: E402
 from tinyllm.peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model   # noqa: E402
+from peft_helpers import CFG, make_base, make_batch, perturb                    # noqa: E402
 
-CFG = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16)
 V, C, L, NH = CFG.vocab_size, CFG.n_embd, CFG.n_layer, CFG.n_head
 P = 3
 LOGITS_TOL = 1e-10   # two float64 implementations of the same function
 GRAD_TOL = 1e-10
-
-
-def make_base(seed=0):
-    model = GPT(CFG, seed=seed, dtype=np.float64)
-    rng = np.random.default_rng(1000 + seed)
-    for v in model.params.values():
-        v += rng.normal(0.0, 0.1, v.shape)
-    return model
-
-
-def perturb(pm, seed=0):
-    rng = np.random.default_rng(2000 + seed)
-    for v in pm.adapters[pm.active_adapter].values():
-        v += rng.normal(0.0, 0.1, v.shape)
-    return pm
-
-
-def make_batch(B=2, T=6):
-    rng = np.random.default_rng(100)
-    idx = rng.integers(0, V, (B, T))
-    targets = rng.integers(0, V, (B, T))
-    targets[0, 1] = targets[1, 4] = IGNORE_INDEX
-    return idx, targets
 
 
 def hf_gpt2(base):

@@ -18,24 +18,17 @@ import pytest
 
 import reference_gpt2 as ref
 from tinyllm.gradcheck import check_gradients, numerical_gradient, rel_error
-from tinyllm.layers import (IGNORE_INDEX, adapter_backward, adapter_forward, lora_backward, lora_forward)
+from tinyllm.layers import adapter_backward, adapter_forward, lora_backward, lora_forward
 from tinyllm.model import GPT, gpt_forward, projection_forward
 from tinyllm.peft import (AdapterConfig, LoraConfig, get_peft_model)
 from tinyllm.peft.prefix import prefix_mlp_backward, prefix_mlp_forward
-from peft_helpers import CFG, METHODS, make_base, make_peft
+from peft_helpers import CFG, METHODS, make_base, make_batch, make_peft
 
 PAIR_TOL = 1e-7      # one forward/backward pair, every entry
 MODEL_TOL = 1e-6     # the whole model, sampled entries of every trainable tensor
 EXACT = 1e-12        # two float64 computations of the same numbers
 
 C, L, NH = CFG.n_embd, CFG.n_layer, CFG.n_head
-
-def make_batch(B=2, T=6, seed=0):
-    rng = np.random.default_rng(100 + seed)
-    idx = rng.integers(0, CFG.vocab_size, (B, T))
-    targets = rng.integers(0, CFG.vocab_size, (B, T))
-    targets[0, 1] = targets[1, 4] = IGNORE_INDEX
-    return idx, targets
 
 
 # ----------------------------------------------------------------------------------------------------

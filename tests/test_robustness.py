@@ -25,12 +25,12 @@ from tinyllm.peft import (AdapterConfig, FullFineTuningConfig, LoraConfig, PeftM
                           PromptTuningConfig, get_peft_model)
 from tinyllm.tasks import encode_examples, evaluate, get_task
 from tinyllm.tokenizer import CharTokenizer, TokenizerError, default_tokenizer
-from tinyllm.train import TrainConfig, TrainingError, corpus_batches, train
+from tinyllm.train import TrainConfig, TrainingError, train
+from train_helpers import batches, interrupt_at_train_batch
 
 TINYLLM_DIR = os.path.dirname(os.path.abspath(tinyllm.__file__))
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
 V, T_MAX = TINY.vocab_size, TINY.block_size
-DATA = np.random.default_rng(0).integers(0, V, size=400)
 METHODS = {
     "lora": lambda: LoraConfig(r=2, target_modules=["c_attn", "c_fc"], init_lora_weights=False),
     "lora dropout": lambda: LoraConfig(r=2, lora_dropout=0.5, init_lora_weights=False),
@@ -45,10 +45,6 @@ METHODS = {
 
 def peft(method, seed=0):
     return get_peft_model(GPT(TINY, seed=seed), METHODS[method](), seed=seed)
-
-
-def batches(block_size=T_MAX):
-    return corpus_batches({"train": DATA[:300], "val": DATA[300:]}, batch_size=4, block_size=block_size)
 
 
 def tiny_train_config(path=None, **overrides):
@@ -335,19 +331,6 @@ def test_non_finite_gradient_stops_keeps_the_checkpoint_and_the_run_can_go_on(tm
     lines = []
     history = train(GPT(TINY), batches(), cfg, out=lines.append, resume_from=str(path))
     assert "resuming" in lines[0] and history["status"] == "completed" and history["step"][-1] == 8
-
-
-def interrupt_at_train_batch(get_batch, n):
-    calls = []
-
-    def wrapped(split, rng):
-        batch = get_batch(split, rng)
-        if split == "train":
-            calls.append(1)
-            if len(calls) == n:
-                raise KeyboardInterrupt
-        return batch
-    return wrapped
 
 
 @pytest.mark.parametrize("method", ["lora dropout", "prefix projection"])

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tinyllm.data import NAMES, World, fact_recall_examples, make_corpus
+from tinyllm.data import NAMES, fact_recall_examples, make_corpus
 from tinyllm.tasks import (IGNORE_INDEX, TASKS, Task, encode_examples, evaluate, few_shot_prompt,
                            few_shot_task, get_task, iterate_batches, label_scores, sample_batch, split_people)
 from tinyllm.tokenizer import default_tokenizer
@@ -43,11 +43,6 @@ class LookupModel:
 
 def knows(examples):
     return LookupModel([p + a for p, a in examples])
-
-
-@pytest.fixture(scope="module")
-def world():
-    return World()
 
 
 @pytest.fixture(scope="module")

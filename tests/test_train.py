@@ -11,10 +11,10 @@ from tinyllm import GPT, GPTConfig
 from tinyllm.__main__ import main
 from tinyllm.checkpoint import load_checkpoint, load_pretrained
 from tinyllm.optim import AdamW
-from tinyllm.train import TrainConfig, TrainingError, corpus_batches, pretrain, train
+from tinyllm.train import TrainConfig, TrainingError, pretrain, train
+from train_helpers import batches, interrupt_at_train_batch
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
-DATA = np.random.default_rng(0).integers(0, 11, size=400)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -23,24 +23,6 @@ def tiny_config(tmp_path=None, **overrides):
                     log_interval=5, checkpoint_interval=5, seed=7,
                     checkpoint=None if tmp_path is None else tmp_path / "ckpt.npz")   # a Path works too
     return TrainConfig(**{**settings, **overrides})
-
-
-def batches():
-    return corpus_batches({"train": DATA[:300], "val": DATA[300:]}, batch_size=4, block_size=8)
-
-
-def interrupt_at_train_batch(get_batch, n):
-    """get_batch that raises KeyboardInterrupt after drawing its n-th training batch (the RNG has moved)."""
-    calls = []
-
-    def wrapped(split, rng):
-        batch = get_batch(split, rng)
-        if split == "train":
-            calls.append(1)
-            if len(calls) == n:
-                raise KeyboardInterrupt
-        return batch
-    return wrapped
 
 
 def same_run(a, b):
