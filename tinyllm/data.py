@@ -213,6 +213,18 @@ def split_corpus(text, val_fraction=0.1):
     return "".join(docs[:-n_val]), "".join(docs[-n_val:])
 
 
+def corpus_splits(data):
+    """The world, and the train and val text, that a pretraining run's data settings describe.
+
+    data: dict with world_seed, n_people, n_chars, corpus_seed, val_fraction (tinyllm.train.PRETRAIN_DATA,
+    or a checkpoint's meta['data']). Pretraining and the forgetting probe both rebuild the corpus here, so
+    the probe reads exactly the validation text the model was kept from.
+    """
+    world = World(data["world_seed"], data["n_people"])
+    text = make_corpus(world, n_chars=data["n_chars"], seed=data["corpus_seed"])
+    return (world, *split_corpus(text, data["val_fraction"]))
+
+
 def get_batch(data, batch_size, block_size, rng):
     """Random windows of the corpus for next-token prediction (as in nanoGPT).
 

@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from .checkpoint import save_checkpoint
-from .data import World, fact_recall_examples, make_corpus, split_corpus
+from .data import corpus_splits, fact_recall_examples
 from .data import get_batch as corpus_windows
 from .optim import AdamW
 from .peft import get_peft_model
@@ -55,9 +55,7 @@ def knowledge_probe(data, tokenizer, block_size, n_windows=PROBE_WINDOWS, window
     No value is the start of another value of its attribute, so a match is that value.
     """
     window = min(window, block_size)
-    world = World(data["world_seed"], data["n_people"])
-    text = make_corpus(world, n_chars=data["n_chars"], seed=data["corpus_seed"])
-    _, val_text = split_corpus(text, data["val_fraction"])
+    world, _, val_text = corpus_splits(data)
     x, y = corpus_windows(tokenizer.encode(val_text), n_windows, window, np.random.default_rng(seed))
     recall = [(prompt, answer.rstrip(".")) for prompt, answer in fact_recall_examples(world)]
     return {"windows": (x, y), "recall": recall}

@@ -20,10 +20,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .data import AGE_RANGE, ATTRIBUTES, CITIES, COLORS, JOBS, PET_NAMES, PETS, TEMPLATES, fact_sentence
+from .data import AGE_RANGE, ATTRIBUTES, CITIES, COLORS, JOBS, PET_NAMES, PETS, TEMPLATES, _pick, fact_sentence
+from .layers import IGNORE_INDEX   # a target the loss skips
 from .model import is_int
 
-IGNORE_INDEX = -100         # a target the loss skips (the model's cross-entropy uses the same value)
 MAX_EXAMPLE_CHARS = 100     # prompt + answer; leaves room in a 128-token context for prefix/prompt tokens
 VALUES = {"city": CITIES, "job": JOBS, "pet": PETS, "pet_name": PET_NAMES, "color": COLORS}
 
@@ -52,10 +52,6 @@ def split_people(world, seed=0, val_fraction=0.125, test_fraction=0.25):
     if n_test + n_val >= len(world):
         raise ValueError(f"a world of {len(world)} people is too small to split into train, val and test")
     return order[n_test + n_val:], order[n_test:n_test + n_val], order[:n_test]
-
-
-def _pick(rng, seq):
-    return seq[int(rng.integers(len(seq)))]
 
 
 def _other_value(attr, true_value, rng):
@@ -177,8 +173,6 @@ def encode_examples(tok, examples, block_size):
     rows = []
     for i, (prompt, answer) in enumerate(examples):
         p, a = tok.encode(prompt), tok.encode(answer)
-        if len(p) == 0 or len(a) == 0:
-            raise ValueError(f"example {i} has an empty prompt or answer; both need at least one token")
         if len(p) + len(a) - 1 > block_size:
             raise ValueError(f"example {i} has {len(p) + len(a)} tokens (prompt + answer), but block_size "
                              f"{block_size} fits at most {block_size + 1}; shorten it or use a larger block_size")
@@ -353,6 +347,7 @@ def few_shot_prompt(task, query, k, seed=0):
 
 def few_shot_task(task, k, seed=0):
     """task with every val and test prompt turned into a k-shot prompt, ready for evaluate()."""
+    shots = few_shot_prompt(task, "", k, seed)            # the same shots before every query
     def wrap(examples):
-        return [(few_shot_prompt(task, prompt, k, seed), answer) for prompt, answer in examples]
+        return [(shots + prompt, answer) for prompt, answer in examples]
     return replace(task, name=f"{task.name}-{k}shot", val=wrap(task.val), test=wrap(task.test))

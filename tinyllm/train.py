@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .checkpoint import (CheckpointError, check_writable, load_checkpoint, load_training_state, restore_rng,
-                         save_training_state)
-from .data import World, fact_recall_examples, make_corpus, split_corpus, unigram_loss
+from .checkpoint import (CheckpointError, check_writable, load_checkpoint, load_pretrained, load_training_state,
+                         restore_rng, save_training_state)
+from .data import corpus_splits, fact_recall_examples, unigram_loss
 from .data import get_batch as corpus_windows
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, is_int, is_number
 from .optim import AdamW, clip_grad_norm, global_norm, lr_schedule
 from .tokenizer import CharTokenizer, default_tokenizer
 
@@ -54,20 +54,14 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be {what}, got {getattr(self, name)!r}")
 
-        def is_int(v):
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-
         for name in ("max_steps", "batch_size", "eval_interval", "log_interval"):
             need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
         for name in ("warmup_steps", "eval_iters", "checkpoint_interval", "seed"):
             need(is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an integer >= 0")
-        need(is_num(self.lr) and self.lr > 0, "lr", "a finite number > 0")
-        need(is_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]")
-        need(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")
-        need(self.grad_clip is None or (is_num(self.grad_clip) and self.grad_clip > 0), "grad_clip",
+        need(is_number(self.lr) and self.lr > 0, "lr", "a finite number > 0")
+        need(is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]")
+        need(is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")
+        need(self.grad_clip is None or (is_number(self.grad_clip) and self.grad_clip > 0), "grad_clip",
              "a number > 0, or None for no clipping")
         if isinstance(self.checkpoint, os.PathLike):
             self.checkpoint = os.fspath(self.checkpoint)
@@ -335,9 +329,7 @@ def pretrain(out=PRETRAIN_OUT, steps=None, batch_size=None, lr=None, seed=None, 
     settings["checkpoint"] = out
     cfg = TrainConfig(**settings)
 
-    world = World(data["world_seed"], data["n_people"])
-    text = make_corpus(world, n_chars=data["n_chars"], seed=data["corpus_seed"])
-    train_text, val_text = split_corpus(text, data["val_fraction"])
+    world, train_text, val_text = corpus_splits(data)
     splits = {"train": tokenizer.encode(train_text), "val": tokenizer.encode(val_text)}
     baseline = unigram_loss(splits["val"], tokenizer.vocab_size)
     model = GPT(model_config, seed=cfg.seed)
@@ -380,7 +372,6 @@ def load_base(checkpoint, config=None, seed=0, fallback=None, echo=default_out):
     neither exists, pretrain() makes the checkpoint first.
     Returns: model, tokenizer, data settings (dict), a one-line description of the model's origin.
     """
-    from .checkpoint import load_pretrained
     if config is not None:
         tok = default_tokenizer()
         model = GPT(GPTConfig(**{"vocab_size": tok.vocab_size, **config}), seed=seed)
