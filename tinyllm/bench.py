@@ -24,6 +24,7 @@ import numpy as np
 from . import model as model_module
 from .model import GPT, GPTConfig
 from .optim import AdamW
+from .tasks import context_room
 
 CONFIGS = {  # name: (config, batch size)
     "lesson": (GPTConfig(vocab_size=64, block_size=128, n_layer=4, n_head=4, n_embd=128), 16),
@@ -31,25 +32,17 @@ CONFIGS = {  # name: (config, batch size)
 }
 
 
-def median_time(fn, repeats=5, warmup=1):
-    """Median wall-clock seconds of fn() over repeats, after warmup calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def matmul_peak(n=2048, repeats=5):
     """float32 GFLOP/s of an n x n x n matmul (2 n^3 flops), from its fastest run: a ceiling is what the
     machine can do, and a busy moment only ever slows a run down (every other figure is a median)."""
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     a @ a                                                        # warm-up
-    best = min(median_time(lambda: a @ a, repeats=1, warmup=0) for _ in range(repeats))
-    return 2 * n ** 3 / best / 1e9
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(times) / 1e9
 
 
 def train_flops(config, B, T):
@@ -210,11 +203,9 @@ def layer_table(rows, total):
 # the fine-tuning methods side by side
 
 def method_configs():
-    from .peft import (AdapterConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig,
-                       PromptTuningConfig)
-    return {"full": FullFineTuningConfig(), "lora": LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]),
-            "prefix": PrefixTuningConfig(num_virtual_tokens=10), "prompt": PromptTuningConfig(num_virtual_tokens=10),
-            "adapter": AdapterConfig(bottleneck_size=16)}
+    """{name: a fresh config} of each method, sized as `python -m tinyllm compare` sizes them."""
+    from .compare import METHODS, method_config
+    return {name: method_config(name) for name in METHODS}
 
 
 def interleaved_medians(steps, repeats):
@@ -246,7 +237,7 @@ def bench_methods(config, B, repeats=5):
     runs, configs = {}, method_configs()   # runs: name -> (model, its cache after a forward, optimizer, T)
     for name, cfg in configs.items():
         pm = get_peft_model(GPT(config, seed=0), cfg)
-        T = config.block_size - pm.reserved_positions                # leave room for virtual tokens
+        T = context_room(pm)                                        # leave room for virtual tokens
         runs[name] = (pm, lambda pm=pm: pm._cache[0], AdamW(pm.trainable_parameters(), lr=1e-4), T)
     frozen = GPT(config, seed=0)
     frozen.freeze()
@@ -288,7 +279,7 @@ def generation_models(config):
     for name, cfg in method_configs().items():
         models[name] = get_peft_model(GPT(config, seed=0), cfg)
         models[name].eval()
-    models["lora merged"] = get_peft_model(GPT(config, seed=0), method_configs()["lora"])
+    models["lora merged"] = get_peft_model(GPT(config, seed=0), method_configs()["lora"])   # its own config
     models["lora merged"].merge_adapter()                       # W + scale * A @ B: no extra matmuls left
     return models
 
@@ -297,9 +288,9 @@ def bench_generate(config, n_new=64, B=1, repeats=3):
     """Greedy generation tokens/s of each model (generation_models), with the KV cache (model.generate)
     and without it (the whole sequence recomputed for every new token), all timed in turns."""
     prompt = random_batch(config, B)[0][:, :16]
-    steps = {}
-    for name, model in generation_models(config).items():
-        room = config.block_size - getattr(model, "reserved_positions", 0)
+    steps, generation = {}, generation_models(config)
+    for name, model in generation.items():
+        room = context_room(model)
 
         def no_cache(model=model, room=room):
             out = prompt
@@ -311,7 +302,7 @@ def bench_generate(config, n_new=64, B=1, repeats=3):
         steps[name, "none"] = no_cache
     t = interleaved_medians(steps, repeats)
     rows = {}
-    for name, _ in steps:
+    for name in generation:
         with_cache, without = t[name, "cache"], t[name, "none"]
         rows[name] = {"kv_cache_tokens_per_s": B * n_new / with_cache, "no_cache_tokens_per_s": B * n_new / without,
                       "speedup": without / with_cache, "ratio_to_base": with_cache / t["base", "cache"]}

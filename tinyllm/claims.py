@@ -8,9 +8,8 @@ is the rule as the report prints it; the thresholds below appear there with thei
 """
 import math
 
-import numpy as np
-
-from .model import GPT2_SMALL, GPTConfig, param_shapes
+from .memory import base_count
+from .model import GPT2_SMALL, GPTConfig
 
 SUPPORTED, NOT_SUPPORTED, MIXED, NOT_MEASURED = "supported", "not supported", "mixed", "not measured"
 FORGET_LOSS = 0.05      # forgetting: the corpus loss rises by 5% or more ...
@@ -297,7 +296,7 @@ def claim_prefix_efficient(F):
     frac = m["trainable_params"] / f["base_params"]
     P = m["virtual_tokens"]
     small = GPTConfig(**GPT2_SMALL)
-    n_small = sum(int(np.prod(s)) for s in param_shapes(small).values())
+    n_small = base_count(small)
     frac_small = 2 * small.n_layer * P * small.n_embd / n_small
     measured = (f"prefix trains {m['trainable_params']:,} of {f['base_params']:,} ({100 * frac:.2f}%); the same "
                 f"{P} tokens on GPT-2 small: {100 * frac_small:.3f}%")

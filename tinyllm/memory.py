@@ -21,16 +21,19 @@ once; token ids not counted; LoRA dropout off); other frameworks keep somewhat d
 Legend: L layers, C channels, NH heads, V vocabulary, B batch, T tokens, P virtual tokens, H prefix MLP
 width, r LoRA rank, m adapter width.
 """
+import math
+
 import numpy as np
 
-from .model import GPTConfig, param_shapes
+from .model import GPT2_SMALL, GPTConfig, param_shapes
 from .peft import (AdapterConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig,
                    PromptTuningConfig)
 from .peft.lora import find_targets, module_shapes
+from .peft.peft_model import reserved_positions
 
 # the four released GPT-2 sizes (a shared token embedding and LM head, as in tinyllm)
 GPT2_SIZES = {
-    "gpt2":        GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),    # 124M
+    "gpt2":        GPTConfig(**GPT2_SMALL),                                                            # 124M
     "gpt2-medium": GPTConfig(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024),   # 355M
     "gpt2-large":  GPTConfig(vocab_size=50257, block_size=1024, n_layer=36, n_head=20, n_embd=1280),   # 774M
     "gpt2-xl":     GPTConfig(vocab_size=50257, block_size=1024, n_layer=48, n_head=25, n_embd=1600),   # 1558M
@@ -40,14 +43,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 def base_count(mc):
     """Numbers in the plain GPT: 124,439,808 for GPT-2 small."""
-    return sum(_size(shape) for shape in param_shapes(mc).values())
-
-
-def _size(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return sum(math.prod(shape) for shape in param_shapes(mc).values())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,7 +78,7 @@ def trainable_count(method, mc):
         if method.last_k_blocks is None:
             return base_count(mc)
         first = mc.n_layer - method.last_k_blocks
-        return sum(_size(s) for k, s in shapes.items()
+        return sum(math.prod(s) for k, s in shapes.items()
                    if k.startswith("ln_f.") or (k.startswith("h.") and int(k.split(".")[1]) >= first))
     n = added_count(method, mc)
     if isinstance(method, LoraConfig) and method.bias != "none":   # base biases that train along with LoRA
@@ -111,7 +107,7 @@ def activation_count(mc, method, batch_size, seq_len):
     """
     C, NH, L, V = mc.n_embd, mc.n_head, mc.n_layer, mc.vocab_size
     B, T = batch_size, seq_len
-    P = getattr(method, "num_virtual_tokens", 0)
+    P = reserved_positions(method)
     prompt = P if isinstance(method, PromptTuningConfig) else 0
     prefix = P if isinstance(method, PrefixTuningConfig) else 0
     T_all = T + prompt                       # positions that run through the blocks
@@ -171,7 +167,7 @@ def training_memory(mc, method, batch_size=1, seq_len=None, dtype="float32"):
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {list(DTYPE_BYTES)}, got {dtype!r}")
-    P = getattr(method, "num_virtual_tokens", 0)
+    P = reserved_positions(method)
     T = mc.block_size - P if seq_len is None else seq_len
     if not 1 <= T <= mc.block_size - P:
         raise ValueError(f"seq_len {T} plus {P} virtual tokens does not fit the context of {mc.block_size}")

@@ -1,10 +1,10 @@
 """Small plotting helpers the lessons share: a readable log-scale loss axis and a running mean."""
 import numpy as np
-from matplotlib.ticker import FuncFormatter
 
 
 def log_loss_axis(ax):
     """A log-scale loss axis labelled in plain numbers: 0.2, 0.5, 1, 2, 5 (every tick when the range is narrow)."""
+    from matplotlib.ticker import FuncFormatter   # here, not at the top: importing tinyllm needs no matplotlib
     ax.set_yscale("log")
 
     def label(v, _):
