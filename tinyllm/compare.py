@@ -189,13 +189,16 @@ SCALARS = ("accuracy_after", "final_val_loss", "seconds_per_step", "train_second
            "format_rate", "field_accuracy")
 
 
+def summarise(flat_runs):
+    """{metric: stats over seeds} from each seed's scalars()."""
+    return {k: stats([f[k] for f in flat_runs]) for k in flat_runs[0]}
+
+
 def scalars(run):
-    """The per-run numbers that are summarised over seeds."""
-    flat = {k: run[k] for k in SCALARS if k in run}
-    if run["knowledge_after"] is not None:
-        flat["corpus_loss_after"] = run["knowledge_after"]["corpus_loss"]
-        flat["fact_recall_after"] = run["knowledge_after"]["fact_recall"]
-    return flat
+    """The per-run numbers that are summarised over seeds (those of SCALARS the run has)."""
+    knowledge = run["knowledge_after"] or {}
+    flat = {**run, "corpus_loss_after": knowledge.get("corpus_loss"), "fact_recall_after": knowledge.get("fact_recall")}
+    return {k: flat[k] for k in SCALARS if flat.get(k) is not None}
 
 
 def run_variants(base, tokenizer, task, settings, lrs, main_runs, echo):
@@ -266,7 +269,7 @@ def run_task(name, world, base, tokenizer, probe, settings, seeds, lrs, out_dir,
                            for i, (p, a) in enumerate(task.test[:3])],
               "runs": {m: [{k: v for k, v in r.items() if k != "predictions_after"} for r in rs]
                        for m, rs in runs.items()},
-              "summary": {m: {k: stats([scalars(r)[k] for r in rs]) for k in scalars(rs[0])} for m, rs in runs.items()}}
+              "summary": {m: summarise([scalars(r) for r in rs]) for m, rs in runs.items()}}
     if with_variants:
         result["variants"] = run_variants(base, tokenizer, task, settings, lrs, runs, echo)
     return result
@@ -335,7 +338,7 @@ def compare(task="record", steps=None, seeds=1, out=DEFAULT_OUT, checkpoint=None
                           resume_command=f"python -m tinyllm pretrain --resume {checkpoint}")
         if result["history"]["status"] != "completed":
             raise KeyboardInterrupt
-    pretrain_seconds = time.perf_counter() - start
+    pretrain_seconds = time.perf_counter() - start if made_now else 0.0
     base, tokenizer, meta = load_pretrained(checkpoint)
     data = meta["data"]
     echo(f"base model: {checkpoint} ({base.num_parameters():,} parameters, pretrained {meta.get('step', '?')} steps)")
@@ -352,15 +355,15 @@ def compare(task="record", steps=None, seeds=1, out=DEFAULT_OUT, checkpoint=None
     results = {
         "command": command, "settings": {**dataclasses.asdict(settings), "seeds": seeds, "task": task},
         "learning_rates": lrs,
-        "pretrain": {"checkpoint": checkpoint, "made_now": made_now, "seconds": pretrain_seconds if made_now else 0.0},
+        "pretrain": {"checkpoint": checkpoint, "made_now": made_now, "seconds": pretrain_seconds},
         "model": {"config": base.config.to_dict(), "parameters": base.num_parameters()},
         "tasks": tasks, "claims": judge_claims(facts),
     }
     figures = plot_all(results, out)
     total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     results["timing"] = {"total_seconds": total, "cpu_seconds": cpu,
-                         "pretrain_seconds": pretrain_seconds if made_now else 0.0,
-                         "compare_seconds": total - (pretrain_seconds if made_now else 0.0),
+                         "pretrain_seconds": pretrain_seconds,
+                         "compare_seconds": total - pretrain_seconds,
                          "cpu_note": f"{os.cpu_count()} CPU cores"}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)

@@ -15,11 +15,11 @@ COLORS = {"full": "#d62728", "lora": "#1f77b4", "prefix": "#2ca02c", "prompt": "
 LABELS = {"full": "full", "lora": "LoRA", "prefix": "prefix", "prompt": "prompt", "adapter": "adapter"}
 
 
-def whiskers(summary, methods, key, scale=1.0):
+def whiskers(summary, methods, key):
     """Bar heights (means) and [below, above] whisker lengths (to the min and max over seeds)."""
-    mean = np.array([summary[m][key]["mean"] for m in methods]) * scale
-    lo = np.array([summary[m][key]["min"] for m in methods]) * scale
-    hi = np.array([summary[m][key]["max"] for m in methods]) * scale
+    mean = np.array([summary[m][key]["mean"] for m in methods])
+    lo = np.array([summary[m][key]["min"] for m in methods])
+    hi = np.array([summary[m][key]["max"] for m in methods])
     return mean, np.vstack([mean - lo, hi - mean])
 
 
@@ -236,10 +236,10 @@ def plot_all(results, folder):
 # ----------------------------------------------------------------------------------------------------
 # tables: the terminal's and the report's
 
-def pm_text(s, fmt, scale=1.0, seeds=1):
+def pm_text(s, fmt, seeds=1):
     """'mean' or 'mean ± std' (over seeds) of one summarised metric."""
-    text = format(s["mean"] * scale, fmt)
-    return text + " ± " + format(s["std"] * scale, fmt) if seeds > 1 else text
+    text = format(s["mean"], fmt)
+    return text + " ± " + format(s["std"], fmt) if seeds > 1 else text
 
 
 def results_rows(t, seeds, lrs):
