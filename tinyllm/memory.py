@@ -28,7 +28,7 @@ import numpy as np
 from .model import GPT2_SMALL, GPTConfig, param_shapes
 from .peft import (AdapterConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig,
                    PromptTuningConfig)
-from .peft.lora import find_targets, module_shapes
+from .peft.lora import find_targets, fused_module, module_shapes
 from .peft.peft_model import reserved_positions
 
 # the four released GPT-2 sizes (a shared token embedding and LM head, as in tinyllm)
@@ -84,7 +84,7 @@ def trainable_count(method, mc):
     if isinstance(method, LoraConfig) and method.bias != "none":   # base biases that train along with LoRA
         biases = {k[:-len(".bias")]: s[0] for k, s in param_shapes(mc).items() if k.endswith(".bias")}
         if method.bias == "lora_only":   # the targeted linears' own (a c_attn slice trains all of c_attn's)
-            modules = {t[:-2] if t[-2:] in (".q", ".k", ".v") else t for t in find_targets(method, mc)}
+            modules = {fused_module(t) for t in find_targets(method, mc)}
             biases = {k: v for k, v in biases.items() if k in modules}
         n += sum(biases.values())
     return n

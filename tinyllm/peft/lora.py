@@ -24,11 +24,17 @@ def module_shapes(model_config):
             for i in range(model_config.n_layer) for name, (a, b) in LINEARS.items()}
 
 
+def fused_module(name):
+    """The linear a LoRA module sits on: a c_attn slice ('h.0.attn.c_attn.q') is part of 'h.0.attn.c_attn'."""
+    return name[:-2] if name[-2:] in (".q", ".k", ".v") else name
+
+
 def find_targets(config, model_config):
     """The module names the config targets, matched as PEFT does: a list by exact name or '.'-suffix,
     a string as a regular expression over the whole name. Raises ValueError for a name that matches
     nothing, listing the valid names."""
-    names = list(module_shapes(model_config))
+    shapes = module_shapes(model_config)
+    names = list(shapes)
     if isinstance(config.target_modules, str):
         targets = [n for n in names if re.fullmatch(config.target_modules, n)]
         if not targets:
@@ -51,11 +57,9 @@ def find_targets(config, model_config):
         targets = [n for n in targets if int(n.split(".")[1]) in config.layers_to_transform]
         if not targets:
             raise ValueError("LoraConfig.layers_to_transform leaves no target module")
-    order = list(module_shapes(model_config))
-    targets = sorted(targets, key=order.index)          # the model's order, whatever the config's
+    targets = sorted(targets, key=names.index)          # the model's order, whatever the config's
     if any(n.endswith("c_attn") for n in targets) and any(".c_attn." in n for n in targets):
         raise ValueError("LoraConfig.target_modules: choose either 'c_attn' or its slices 'c_attn.q|k|v', not both")
-    shapes = module_shapes(model_config)
     for n in targets:
         if config.r > min(shapes[n]):
             raise ValueError(f"LoraConfig.r = {config.r} is larger than the layer {n} {shapes[n]}: a rank-r update "
@@ -89,16 +93,15 @@ def bias_names(config, adapter, base_params):
     if config.bias == "all":
         return [k for k in base_params if k.endswith(".bias")]
     if config.bias == "lora_only":
-        modules = {k[:-len(".lora_A")] for k in adapter if k.endswith(".lora_A")}
-        return [k for k in base_params if k.endswith(".bias")
-                and (k[:-len(".bias")] in modules or any(m.startswith(k[:-len(".bias")] + ".") for m in modules))]
+        linears = {fused_module(k[:-len(".lora_A")]) for k in adapter if k.endswith(".lora_A")}
+        return [k for k in base_params if k.endswith(".bias") and k[:-len(".bias")] in linears]
     return []
 
 
 def merged_weights(adapter):
     """The base weight names a merge of this adapter changes (a sliced c_attn's once)."""
     modules = [k[:-len(".lora_A")] for k in adapter if k.endswith(".lora_A")]
-    return sorted({(m[:-2] if m[-2:] in (".q", ".k", ".v") else m) + ".weight" for m in modules})
+    return sorted({fused_module(m) + ".weight" for m in modules})
 
 
 def merge(base_params, adapter, scale, sign=1.0):
@@ -111,7 +114,7 @@ def merge(base_params, adapter, scale, sign=1.0):
         delta = sign * scale * (adapter[key] @ adapter[module + ".lora_B"])    # (in,r) @ (r,out) -> (in,out)
         part = module.rsplit(".", 1)[-1]
         if part in ("q", "k", "v"):     # a slice of the fused c_attn
-            W = base_params[module[:-2] + ".weight"]
+            W = base_params[fused_module(module) + ".weight"]
             C = W.shape[0]
             j = "qkv".index(part)
             W[:, j * C:(j + 1) * C] += delta.astype(W.dtype)
@@ -134,7 +137,7 @@ def formula(config, model_config):
         parts.append(f"biases 11*C*L + C = {11 * C * L + C}")
         total += 11 * C * L + C
     elif config.bias == "lora_only":    # the targeted linears' own biases (a sliced c_attn has one bias)
-        modules = {n[:-2] if n[-2:] in (".q", ".k", ".v") else n for n in targets}
+        modules = {fused_module(n) for n in targets}
         n_bias = sum(shapes[m][1] for m in modules)
         parts.append(f"their biases {n_bias}")
         total += n_bias
