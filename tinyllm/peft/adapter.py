@@ -9,15 +9,16 @@ each adapter starts as the identity and the model as the base model. The pair is
 """
 import numpy as np
 
+from .config import check_layers
+
 
 def init_adapters(config, model, rng, tokenizer=None):
     mc = model.config
     C, m = mc.n_embd, config.bottleneck_size
+    check_layers(config, mc.n_layer)
     layers = range(mc.n_layer) if config.layers_to_transform is None else config.layers_to_transform
     params = {}
     for i in layers:
-        if not 0 <= i < mc.n_layer:
-            raise ValueError(f"AdapterConfig.layers_to_transform: block {i} does not exist (0..{mc.n_layer - 1})")
         for where in ("adapter_attn", "adapter_mlp"):
             name = f"h.{i}.{where}."
             params[name + "down.weight"] = rng.normal(0.0, config.init_std, (C, m))

@@ -46,6 +46,14 @@ def _layers(cls, value):
     return list(layers)
 
 
+def check_layers(config, n_layer):
+    """Raise unless every block index in config.layers_to_transform exists in a model of n_layer blocks."""
+    bad = [i for i in config.layers_to_transform or () if not 0 <= i < n_layer]
+    if bad:
+        raise ValueError(f"{type(config).__name__}.layers_to_transform {bad} out of range: the model has blocks "
+                         f"0..{n_layer - 1}")
+
+
 @dataclass
 class PeftConfig:
     """What every method's config has: its type, and whether it is loaded only for inference."""

@@ -12,6 +12,8 @@ import re
 
 import numpy as np
 
+from .config import check_layers
+
 # the linears of block i that LoRA can attach to, and their (in, out) sizes in units of C
 LINEARS = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4), "mlp.c_proj": (4, 1),
            "attn.c_attn.q": (1, 1), "attn.c_attn.k": (1, 1), "attn.c_attn.v": (1, 1)}
@@ -50,10 +52,7 @@ def find_targets(config, model_config):
                                  f"{valid} (or full names such as 'h.0.attn.c_attn')")
             targets += [n for n in hits if n not in targets]
     if config.layers_to_transform is not None:
-        L = model_config.n_layer
-        bad = [i for i in config.layers_to_transform if not 0 <= i < L]
-        if bad:
-            raise ValueError(f"LoraConfig.layers_to_transform {bad} out of range: the model has blocks 0..{L - 1}")
+        check_layers(config, model_config.n_layer)
         targets = [n for n in targets if int(n.split(".")[1]) in config.layers_to_transform]
         if not targets:
             raise ValueError("LoraConfig.layers_to_transform leaves no target module")

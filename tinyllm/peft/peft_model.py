@@ -349,8 +349,7 @@ class PeftModel:
         """Load an adapter saved by save_pretrained onto `model`, the base it was trained on. As in PEFT,
         it is loaded for inference (nothing trains) unless is_trainable=True."""
         config, arrays = read_adapter(model, model_id, is_trainable)
-        pm = cls.__new__(cls)
-        cls.__init__(pm, model, config, adapter_name, tokenizer)
+        pm = cls(model, config, adapter_name, tokenizer)
         pm._install(adapter_name, arrays)
         return pm
 
@@ -412,8 +411,8 @@ def read_adapter(model, model_id, is_trainable, fingerprint=None):
     if base_config != model.config.to_dict():
         raise CheckpointError(f"adapter in {model_id!r} was trained on a base with config {base_config}, but this "
                               f"model has {model.config.to_dict()}; load it onto the base it was trained on")
-    current = fingerprint or base_fingerprint(model)
-    if not isinstance(config, FullFineTuningConfig) and saved_fp != current:
+    current = None if isinstance(config, FullFineTuningConfig) else fingerprint or base_fingerprint(model)
+    if current is not None and saved_fp != current:   # a full fine-tuning replaces the base: nothing to check
         raise CheckpointError(f"adapter in {model_id!r} was trained on different base weights (fingerprint "
                               f"{saved_fp}, this base {current}); load the base checkpoint it was trained from")
     config.inference_mode = not is_trainable
