@@ -18,7 +18,7 @@ import pytest
 
 import reference_gpt2 as ref
 from tinyllm.gradcheck import check_gradients, numerical_gradient, rel_error
-from tinyllm.layers import adapter_backward, adapter_forward, lora_backward, lora_forward
+from tinyllm.layers import adapter_backward, adapter_forward, linear_forward, lora_backward, lora_forward
 from tinyllm.model import GPT, gpt_forward, projection_forward
 from tinyllm.peft import (AdapterConfig, LoraConfig, get_peft_model)
 from tinyllm.peft.prefix import prefix_mlp_backward, prefix_mlp_forward
@@ -265,7 +265,7 @@ def test_slice_lora_changes_only_its_third(part):
     x = np.random.default_rng(3).normal(size=(2, 5, C))
     p = {**base, **adapter}
     out, _ = projection_forward(x, p, "h.1.attn.c_attn", {"scale": 5 / 3, "dropout": 0.0, "rng": None})
-    plain = x @ base["h.1.attn.c_attn.weight"] + base["h.1.attn.c_attn.bias"]
+    plain, _ = linear_forward(x, base["h.1.attn.c_attn.weight"], base["h.1.attn.c_attn.bias"])   # the same matmul
     j = "qkv".index(part)
     ours = slice(j * C, (j + 1) * C)
     others = [k for k in range(3 * C) if not ours.start <= k < ours.stop]
