@@ -106,3 +106,6 @@ class CharTokenizer:
 def default_tokenizer():
     """The tokenizer for everything tinyllm generates: CharTokenizer(VOCAB)."""
     return CharTokenizer(VOCAB)
+
+
+from .bpe import BPETokenizer  # noqa: E402
