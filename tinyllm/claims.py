@@ -1,383 +1,594 @@
 """
-The claims an introduction to fine-tuning makes, and the rules that decide each one from the numbers
-`python -m tinyllm compare` measured (tinyllm.compare.task_facts gathers them).
+The claims an introduction to fine-tuning makes, and the rules that judge each one from the numbers
+`python -m tinyllm compare` measured (tinyllm.compare.task_facts gathers them; tests feed made-up ones).
 
-A rule reads the facts and returns (what it measured, verdict): supported, not supported, mixed, or not
-measured when the run did not include what the claim needs (e.g. a classification task). Its docstring
-is the rule as the report prints it; the thresholds below appear there with their values.
+A claim is a fact or a measurement:
+  fact         true by construction (a parameter count of the sizes chosen, a file that holds every weight):
+               shown with its arithmetic, never as a verdict
+  measured     a rule reads the numbers and says supported, not supported, mixed (its parts disagree),
+               inconclusive (the difference is within the noise) or not measured (the run lacks what the
+               claim needs, e.g. a classification task)
+
+Noise. A comparison is a difference of two means with a standard error that holds both sources of chance:
+the items it was measured on (test examples, facts, corpus windows: both sides are scored on the same
+ones, so the difference is paired, item by item) and the seeds (a method's spread over its k runs). The
+interval is the difference +- t x its standard error, t the 97.5% point of Student's t at the
+Welch-Satterthwaite degrees of freedom (with three seeds the spread is itself uncertain, and t grows towards
+4.3). A difference counts when its interval excludes 0. "No change" needs more than a small difference:
+the whole interval must lie inside a stated margin (LOSS_MARGIN, ...), and "worse by more than the margin"
+needs the whole interval outside it. A single run has no measured spread, so a comparison that needs one
+says inconclusive.
+
+Legend: facts F = {task: f}; f["methods"][m] holds (k, n) lists: k seeds of n items (accuracy: 0/1 per
+test example; val_loss: n = 1); f["base"] the pretrained model's, one list of n items; see
+tinyllm.compare.task_facts.
 """
 import math
+from dataclasses import dataclass
+
+import numpy as np
 
 from .memory import base_count
 from .model import GPT2_SMALL, GPTConfig
 
-SUPPORTED, NOT_SUPPORTED, MIXED, NOT_MEASURED = "supported", "not supported", "mixed", "not measured"
-FORGET_LOSS = 0.05      # forgetting: the corpus loss rises by 5% or more ...
-FORGET_RECALL = 0.05    # ... or fact recall falls by 5 percentage points or more
-TUNE_SPREAD = 0.10      # a setting "needs tuning" when its values' final val losses differ by 10% or more
+SUPPORTED, NOT_SUPPORTED, MIXED, INCONCLUSIVE, NOT_MEASURED = (
+    "supported", "not supported", "mixed", "inconclusive", "not measured")
+FACT = "fact"                       # true by construction: its arithmetic, not a verdict
+SMOKE = "no verdict (smoke test)"   # --quick: a few steps prove the code runs, not a claim
+VERDICTS = (SUPPORTED, NOT_SUPPORTED, MIXED, INCONCLUSIVE, NOT_MEASURED, FACT, SMOKE)
+
+LOSS_MARGIN = 0.05      # a loss "kept": within 5% of the base's, the whole interval
+POINTS_MARGIN = 0.05    # an accuracy or recall "kept": within 5 points, the whole interval
+SUITED_MARGIN = 0.10    # "suited": within 10 points of the best alternative
+TUNE_MARGIN = 0.05      # "needs tuning": the worst setting's val loss is clearly more than 5% above the best's;
+                        # "does not": less than 5% above it, the whole interval
+
+# ----------------------------------------------------------------------------------------------------
+# differences and their noise
+
+# Student's t, 97.5% point, against 1/dof (np.interp needs it increasing): 1.96 at infinite dof
+T_TABLE = ((0.0, 1.96), (1 / 60, 2.00), (1 / 30, 2.04), (1 / 20, 2.09), (1 / 15, 2.13), (1 / 10, 2.23),
+           (1 / 8, 2.31), (1 / 6, 2.45), (1 / 5, 2.57), (1 / 4, 2.78), (1 / 3, 3.18), (1 / 2, 4.30), (1.0, 12.71))
 
 
-def all_or_some(flags):
-    """supported if every case holds, not supported if none, mixed otherwise; not measured if no case."""
-    flags = list(flags)
-    if not flags:
+def t975(dof):
+    if dof < 1:
+        return math.inf
+    x, t = zip(*T_TABLE)
+    return float(np.interp(1.0 / dof, x, t))
+
+
+@dataclass
+class Diff:
+    """mean(a) - mean(b), its standard error and degrees of freedom."""
+    value: float
+    se: float
+    dof: float
+
+    @property
+    def half_width(self):
+        return t975(self.dof) * self.se if self.se > 0 else 0.0
+
+    @property
+    def lo(self):
+        return self.value - self.half_width
+
+    @property
+    def hi(self):
+        return self.value + self.half_width
+
+    @property
+    def sign(self):
+        """+1 if a is clearly larger, -1 if clearly smaller, 0 within the noise (or the noise unknown)."""
+        return 1 if self.lo > 0 else -1 if self.hi < 0 else 0
+
+    def __str__(self):
+        return f"{self.value:+.3f} ± {self.half_width:.3f}" if math.isfinite(self.half_width) else \
+            f"{self.value:+.3f} (one run: spread unknown)"
+
+
+def runs(x):
+    """A measurement as a (k, n) array: k runs (seeds) of n items (test examples, facts, corpus windows; n = 1
+    for one number per run), and whether its runs are seeds of a training (whose spread counts) or one fixed
+    model (the base: a 1-D list, no spread)."""
+    a = np.asarray(x, dtype=float)
+    return (a, True) if a.ndim == 2 else (a.reshape(1, -1), False)
+
+
+def mean(x):
+    return float(np.mean(x))
+
+
+def diff(a, b, scale=1.0):
+    """mean(a) - mean(b), divided by scale (a relative difference when scale is b's mean), with its noise.
+
+    a, b: see runs(). Two sources of chance add up: the items (paired when both have the same n items,
+    e.g. the same test examples: the spread of the per-item differences / n; otherwise each side's item
+    spread), and each seeded side's spread over its k runs / k. A seeded side with one run has no
+    measured spread: the difference's noise is then unknown (infinite)."""
+    (A, seeded_a), (B, seeded_b) = runs(a), runs(b)
+    value = (A.mean() - B.mean()) / scale
+    terms = []                                     # (variance, degrees of freedom)
+    if A.shape[1] == B.shape[1] > 1:               # paired: the same items on both sides
+        d = A.mean(axis=0) - B.mean(axis=0)
+        terms.append((d.var(ddof=1) / len(d), len(d) - 1))
+    else:
+        terms += [(X.mean(axis=0).var(ddof=1) / X.shape[1], X.shape[1] - 1) for X in (A, B) if X.shape[1] > 1]
+    for X, seeded in ((A, seeded_a), (B, seeded_b)):
+        if seeded:
+            if len(X) < 2:
+                return Diff(value, math.inf, 0)
+            terms.append((X.mean(axis=1).var(ddof=1) / len(X), len(X) - 1))
+    var = sum(v for v, _ in terms)
+    if var == 0:
+        return Diff(value, 0.0, math.inf)
+    dof = var * var / sum(v * v / d for v, d in terms if v > 0)           # Welch-Satterthwaite
+    return Diff(value, math.sqrt(var) / scale, dof)
+
+
+def combine(signs):
+    """Per-case outcomes (+1 the claim holds, -1 it does not, 0 within the noise) -> one verdict: every case
+    holds: supported; one fails and none holds: not supported; some hold: mixed; all within the noise:
+    inconclusive."""
+    signs = list(signs)
+    if not signs:
         return NOT_MEASURED
-    return SUPPORTED if all(flags) else NOT_SUPPORTED if not any(flags) else MIXED
+    if all(s > 0 for s in signs):
+        return SUPPORTED
+    if any(s > 0 for s in signs):
+        return MIXED
+    return NOT_SUPPORTED if any(s < 0 for s in signs) else INCONCLUSIVE
 
 
-def both(a, b):
-    """Two conditions of one claim: supported if both, mixed if one, not supported if neither."""
-    return SUPPORTED if a and b else MIXED if a or b else NOT_SUPPORTED
-
-
-def noise(p, n):
-    """Two standard errors of the difference of two accuracies near p, each measured on n examples,
-    sqrt(2 p (1 - p) / n); p is kept at least 3/n from 0 and 1, so a handful of examples never counts.
-    Differences smaller than this are not told apart from luck."""
-    p = min(max(p, 3 / n), 1 - 3 / n) if n > 6 else 0.5
-    return 2.0 * math.sqrt(2 * p * (1 - p) / n)
-
-
-def clearly_above(a, b, n):
-    return a - b > noise((a + b) / 2, n)
-
-
-def forgot(m, base):
-    return (m["corpus_loss"] - base["corpus_loss"]) / base["corpus_loss"] >= FORGET_LOSS \
-        or base["fact_recall"] - m["fact_recall"] >= FORGET_RECALL
-
-
-def spread(losses):
-    return (max(losses) - min(losses)) / min(losses)
-
-
-def peft(facts):
-    return [m for m in facts["methods"] if m != "full"]
+def peft(f):
+    return [m for m in f["methods"] if m != "full"]
 
 
 def fmt_bytes(n):
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    """Bytes in binary units, written as such: 512 B, 16.0 KiB, 3.1 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
 
 
+def best_method(f, methods=None):
+    methods = methods or list(f["methods"])
+    return max(methods, key=lambda m: mean(f["methods"][m]["accuracy"]))
+
+
+def generation_tasks(F):
+    return {t: f for t, f in F.items() if f["kind"] == "generate"}
+
+# ----------------------------------------------------------------------------------------------------
+# fine-tuning against prompting
+
+
 def claim_more_examples(F):
-    """The distinct training examples fine-tuning saw exceed the largest k whose k-shot prompts fit in the
-    context, on every task."""
-    parts, flags = [], []
+    """Fact: the most solved examples a prompt can hold is what fits in the context; fine-tuning reads as many
+    as the training set has."""
+    parts = []
     for t, f in F.items():
         k_max = max(r["k"] for r in f["few_shot"] if r["fits"])
-        seen = min(f["steps"] * f["batch_size"], f["n_train"])
-        best_shot = max(r["accuracy"] for r in f["few_shot"] if r["fits"])
-        best_ft = max(m["accuracy"] for m in f["methods"].values())
-        parts.append(f"{t}: up to {seen} examples fine-tuned vs k <= {k_max} shots fit in {f['block_size']} tokens "
-                     f"(best accuracy {best_ft:.2f} fine-tuned, {best_shot:.2f} few-shot)")
-        flags.append(seen > k_max)
-    return "; ".join(parts), all_or_some(flags)
+        seen = min(max(f["steps"].values()) * f["batch_size"], f["n_train"])
+        parts.append(f"{t}: k <= {k_max} shots fit in {f['block_size']} positions; fine-tuning read {seen:,} "
+                     f"distinct examples (up to {max(f['steps'].values())} steps x {f['batch_size']}, of "
+                     f"{f['n_train']:,})")
+    return "; ".join(parts), FACT
+
+
+def claim_beats_few_shot(F):
+    """The best fine-tuned method's test accuracy is clearly above the best k-shot prompt of the base model
+    that fits, on every task."""
+    parts, signs = [], []
+    for t, f in F.items():
+        shots = [r for r in f["few_shot"] if r["fits"]]
+        shot = max(shots, key=lambda r: r["accuracy"])
+        m = best_method(f)
+        d = diff(f["methods"][m]["accuracy"], shot["correct"])
+        parts.append(f"{t}: {m} {mean(f['methods'][m]['accuracy']):.2f} vs {shot['k']}-shot {shot['accuracy']:.2f} "
+                     f"(difference {d})")
+        signs.append(d.sign)
+    return "; ".join(parts), combine(signs)
 
 
 def claim_shorter_inputs(F):
-    """Every fine-tuned method's context per query (prompt + virtual tokens) is shorter than a 1-shot prompt's,
-    on every task."""
-    parts, flags = [], []
+    """Fact: a fine-tuned model reads the bare prompt (plus a prefix's or prompt's virtual positions); a
+    k-shot prompt carries k solved examples in front of it."""
+    parts = []
     for t, f in F.items():
-        one_shot = next(r for r in f["few_shot"] if r["k"] == 1)["tokens_per_query"]
+        one = next((r for r in f["few_shot"] if r["k"] == 1), None)
         longest = max(m["tokens_per_query"] for m in f["methods"].values())
         parts.append(f"{t}: {f['base']['tokens_per_query']:.0f}-{longest:.0f} positions per query fine-tuned "
-                     f"(virtual tokens included) vs {one_shot:.0f} for 1 shot")
-        flags += [m["tokens_per_query"] < one_shot for m in f["methods"].values()]
-    return "; ".join(parts), all_or_some(flags)
+                     f"(virtual tokens included)" + (f" vs {one['tokens_per_query']:.0f} for 1 shot" if one else ""))
+    return "; ".join(parts), FACT
 
 
 def claim_complex_instructions(F):
-    """On the record task (a rewrite into a fixed format), the best method's exact-match accuracy is clearly
-    above the base model's (2 binomial standard errors): mixed, or supported if it also reaches 0.5."""
-    if "record" not in F:
-        return "needs the record task", NOT_MEASURED
-    f = F["record"]
-    best = max(f["methods"], key=lambda m: f["methods"][m]["accuracy"])
-    acc, base = f["methods"][best]["accuracy"], f["base"]["accuracy"]
-    measured = f"record exact match: best {best} {acc:.2f} vs base {base:.2f} (n={f['n_test']})"
-    if not clearly_above(acc, base, f["n_test"]):
-        return measured, NOT_SUPPORTED
-    return measured, SUPPORTED if acc >= 0.5 else MIXED
+    """On each generation task, the best method's test accuracy is clearly above the base model's and its
+    best few-shot prompt's, and at least 0.5. Clearly above but below 0.5: mixed."""
+    parts, signs, low = [], [], False
+    for t, f in generation_tasks(F).items():
+        m = best_method(f)
+        acc = f["methods"][m]["accuracy"]
+        shot = max((r["correct"] for r in f["few_shot"] if r["fits"]), key=mean, default=f["base"]["accuracy"])
+        d = diff(acc, max(shot, f["base"]["accuracy"], key=mean))
+        parts.append(f"{t}: best {m} {mean(acc):.2f} vs base {mean(f['base']['accuracy']):.2f}, best few-shot "
+                     f"{mean(shot):.2f} (difference {d})")
+        signs.append(d.sign)
+        low = low or mean(acc) < 0.5
+    verdict = combine(signs)
+    return ("; ".join(parts) or "needs a generation task"), MIXED if verdict == SUPPORTED and low else verdict
 
 
 def claim_structure(F):
-    """On the record task, the share of answers in the record's structure rises by at least 0.5 over the base
-    model's for the best method: supported; clearly (2 s.e.) but less: mixed. No task here measures tone."""
-    if "record" not in F:
-        return "needs the record task", NOT_MEASURED
-    f = F["record"]
-    rates = {m: v["format_rate"] for m, v in f["methods"].items()}
-    base = f["base"]["format_rate"]
-    best = max(rates, key=rates.get)
-    measured = (f"answers in record format: base {base:.2f}; " + ", ".join(f"{m} {r:.2f}" for m, r in rates.items())
-                + f"; field accuracy best {max(v['field_accuracy'] for v in f['methods'].values()):.2f}"
-                + " (tone: not measured)")
-    if rates[best] - base >= 0.5:
-        return measured, SUPPORTED
-    return measured, MIXED if clearly_above(rates[best], base, f["n_test"]) else NOT_SUPPORTED
+    """On each generation task, the share of answers in the task's format (one word and a newline for extract
+    and qa, the record's fields for record) is clearly higher for the best method than for the base model.
+    Tone is not measured: no task here has one."""
+    parts, signs = [], []
+    for t, f in generation_tasks(F).items():
+        if f["base"].get("format_ok") is None:
+            continue
+        rates = {m: f["methods"][m]["format_ok"] for m in f["methods"]}
+        m = max(rates, key=lambda k: mean(rates[k]))
+        d = diff(rates[m], f["base"]["format_ok"])
+        parts.append(f"{t}: answers in format: base {mean(f['base']['format_ok']):.2f}, " +
+                     ", ".join(f"{k} {mean(v):.2f}" for k, v in rates.items()) + f" (best - base {d})")
+        signs.append(d.sign)
+    return ("; ".join(parts) or "needs a generation task with a format"), combine(signs)
+
+# ----------------------------------------------------------------------------------------------------
+# full fine-tuning
+
+
+def step_sign(f, m):
+    """-1 if m's training step is clearly cheaper than full's, +1 clearly dearer, 0 within the noise (the
+    steps were timed in turns; the ratio's logarithm is averaged over the rounds)."""
+    r = f["methods"][m]["step_ratio"]
+    return Diff(r["log_mean"], r["log_se"], r["n"] - 1).sign
 
 
 def claim_full_expensive(F):
-    """Full fine-tuning's seconds per step (median, timed in turns) exceed every PEFT method's, and its
-    optimizer state exceeds every PEFT method's. Both: supported; one: mixed."""
-    parts, slower, bigger = [], [], []
+    """Full fine-tuning's training step is clearly slower than every PEFT method's (timed in turns). Its AdamW
+    state, two numbers per trained parameter, is shown beside it: arithmetic, not a measurement."""
+    parts, signs = [], []
     for t, f in F.items():
         full = f["methods"]["full"]
-        slower += [full["seconds_per_step"] > f["methods"][m]["seconds_per_step"] for m in peft(f)]
-        bigger += [full["optimizer_state_bytes"] > f["methods"][m]["optimizer_state_bytes"] for m in peft(f)]
-        ms = [f["methods"][m]["seconds_per_step"] * 1e3 for m in peft(f)]
-        parts.append(f"{t}: full {full['seconds_per_step'] * 1e3:.0f} ms/step vs PEFT {min(ms):.0f}-{max(ms):.0f} ms; "
-                     f"optimizer state {fmt_bytes(full['optimizer_state_bytes'])} vs PEFT at most "
-                     f"{fmt_bytes(max(f['methods'][m]['optimizer_state_bytes'] for m in peft(f)))}")
-    return "; ".join(parts), both(bool(slower) and all(slower), bool(bigger) and all(bigger))
+        signs += [-step_sign(f, m) for m in peft(f)]
+        parts.append(f"{t}: step time / full's: " + ", ".join(
+            f"{m} {math.exp(f['methods'][m]['step_ratio']['log_mean']):.2f}" for m in peft(f)) +
+            f"; AdamW state full {fmt_bytes(full['optimizer_state_bytes'])} vs PEFT at most "
+            f"{fmt_bytes(max(f['methods'][m]['optimizer_state_bytes'] for m in peft(f)))}")
+    return "; ".join(parts), combine(signs)
 
 
 def claim_full_forgets(F):
-    """After full fine-tuning the corpus loss has risen by FORGET_LOSS (relative) or fact recall has fallen by
-    FORGET_RECALL: supported if on every task, mixed if on some."""
-    parts, flags = [], []
+    """With full fine-tuning's weights, the loss on held-out pretraining text rises clearly, or the recall of
+    the world's facts falls clearly, against the base model (either: supported); both stay within their
+    margin, the whole interval: not supported."""
+    parts, signs = [], []
     for t, f in F.items():
         full, base = f["methods"]["full"], f["base"]
-        parts.append(f"{t}: corpus loss {base['corpus_loss']:.3f} -> {full['corpus_loss']:.3f}, "
-                     f"fact recall {base['fact_recall']:.2f} -> {full['fact_recall']:.2f}")
-        flags.append(forgot(full, base))
-    return "; ".join(parts), all_or_some(flags)
+        loss = diff(full["corpus_loss"], base["corpus_loss"], scale=mean(base["corpus_loss"]))
+        recall = diff(full["fact_recall"], base["fact_recall"])
+        parts.append(f"{t}: corpus loss {mean(base['corpus_loss']):.3f} -> {mean(full['corpus_loss']):.3f} "
+                     f"(relative {loss}), fact recall {mean(base['fact_recall']):.2f} -> {mean(full['fact_recall']):.2f} "
+                     f"({recall})")
+        signs.append(1 if loss.sign > 0 or recall.sign < 0 else
+                     -1 if loss.hi <= LOSS_MARGIN and recall.lo >= -POINTS_MARGIN else 0)
+    return "; ".join(parts), combine(signs)
 
 
 def claim_full_copy(F):
-    """Full fine-tuning's saved file is at least 95% of a full copy of the model, and every PEFT method's is
-    under 10% of it. Both: supported; one: mixed."""
+    """Fact: full fine-tuning changes every weight, so each task stores a whole model; a PEFT method stores
+    only its own parameters."""
     f = next(iter(F.values()))
     full, copy = f["methods"]["full"]["saved_bytes"], f["methods"]["full"]["full_copy_bytes"]
-    largest = max(f["methods"][m]["saved_bytes"] for m in peft(f))
-    measured = (f"full saves {fmt_bytes(full)} per task, a full copy is {fmt_bytes(copy)}; PEFT files at most "
-                f"{fmt_bytes(largest)}")
-    return measured, both(full >= 0.95 * copy, largest < 0.1 * copy)
+    return (f"full saves {fmt_bytes(full)} per task (a full copy is {fmt_bytes(copy)}); " +
+            ", ".join(f"{m} {fmt_bytes(f['methods'][m]['saved_bytes'])}" for m in peft(f))), FACT
+
+# ----------------------------------------------------------------------------------------------------
+# PEFT
 
 
 def claim_peft_compute(F):
-    """Each PEFT method's seconds per step (median, timed in turns) is below full fine-tuning's, per task."""
-    parts, flags = [], []
+    """Each PEFT method's training step is clearly faster than full fine-tuning's (timed in turns), per task
+    and method."""
+    parts, signs = [], []
     for t, f in F.items():
-        full = f["methods"]["full"]["seconds_per_step"]
-        parts.append(f"{t}: ms/step full {full * 1e3:.0f}, " +
-                     ", ".join(f"{m} {f['methods'][m]['seconds_per_step'] * 1e3:.0f}" for m in peft(f)))
-        flags += [f["methods"][m]["seconds_per_step"] < full for m in peft(f)]
-    return "; ".join(parts), all_or_some(flags)
+        signs += [-step_sign(f, m) for m in peft(f)]
+        parts.append(f"{t}: ms/step full {1e3 * f['methods']['full']['seconds_per_step']:.0f}, " + ", ".join(
+            f"{m} {1e3 * f['methods'][m]['seconds_per_step']:.0f}" for m in peft(f)))
+    return "; ".join(parts), combine(signs)
 
 
-def claim_peft_preserves(F):
-    """With the method switched on, no PEFT method forgets (the rule of claim 6), per task and method.
-    Reported beside it, not part of the verdict: whether switching the method off gives back the base exactly."""
-    parts, flags = [], []
-    exact = all(m["disable_restores_base"] for f in F.values() for k, m in f["methods"].items() if k != "full")
+def claim_base_untouched(F):
+    """Fact: a PEFT method adds parameters and trains only those; with it switched off the model is the base
+    model, bit for bit (checked: the largest logit difference for every method and seed)."""
+    worst = max(m["disabled_max_diff"] for f in F.values() for k, m in f["methods"].items() if k != "full")
+    return f"largest |logits with the method off - base logits| over every PEFT run: {worst:g}", FACT
+
+
+def claim_peft_keeps_facts(F):
+    """With the method switched on, each PEFT method recalls the world's facts (cloze prompts in the
+    pretraining text's own words) within 5 points of the base model, the whole interval (supported), or
+    clearly below it (not supported)."""
+    parts, signs = [], []
     for t, f in F.items():
         base = f["base"]
-        parts.append(f"{t}: fact recall base {base['fact_recall']:.2f} -> " +
-                     ", ".join(f"{m} {f['methods'][m]['fact_recall']:.2f}" for m in peft(f)) +
-                     f"; corpus loss {base['corpus_loss']:.3f} -> " +
-                     ", ".join(f"{f['methods'][m]['corpus_loss']:.3f}" for m in peft(f)))
-        flags += [not forgot(f["methods"][m], base) for m in peft(f)]
-    parts.append("adapter disabled = base exactly: " + ("yes, every PEFT method" if exact else "NO"))
-    return "; ".join(parts), all_or_some(flags)
+        ds = {m: diff(f["methods"][m]["fact_recall"], base["fact_recall"]) for m in peft(f)}
+        parts.append(f"{t}: fact recall base {mean(base['fact_recall']):.2f} -> " +
+                     ", ".join(f"{m} {mean(f['methods'][m]['fact_recall']):.2f} ({d})" for m, d in ds.items()))
+        signs += [1 if d.lo >= -POINTS_MARGIN else -1 if d.hi < -POINTS_MARGIN else 0 for d in ds.values()]
+    return "; ".join(parts), combine(signs)
 
 
-def steps_to(val_steps, val_losses, target):
-    """The first evaluated step whose validation loss is <= target (inf if none)."""
-    return next((s for s, v in zip(val_steps, val_losses) if v <= target), math.inf)
+def claim_peft_keeps_language(F):
+    """With the method switched on, each PEFT method's loss on held-out pretraining text stays within 5% of
+    the base model's, the whole interval (supported), or rises clearly (not supported)."""
+    parts, signs = [], []
+    for t, f in F.items():
+        base = f["base"]["corpus_loss"]
+        ds = {m: diff(f["methods"][m]["corpus_loss"], base, scale=mean(base)) for m in peft(f)}
+        parts.append(f"{t}: corpus loss base {mean(base):.3f} -> " +
+                     ", ".join(f"{m} {mean(f['methods'][m]['corpus_loss']):.3f} (relative {d})" for m, d in ds.items()))
+        signs += [1 if d.hi <= LOSS_MARGIN else -1 if d.lo > LOSS_MARGIN else 0 for d in ds.values()]
+    return "; ".join(parts), combine(signs)
+
+
+def claim_peft_forgets_less(F):
+    """With the methods switched on, each PEFT method's corpus loss is clearly below full fine-tuning's (it
+    forgets less of the pretraining text), per task and method."""
+    parts, signs = [], []
+    for t, f in F.items():
+        full = f["methods"]["full"]["corpus_loss"]
+        ds = {m: diff(full, f["methods"][m]["corpus_loss"], scale=mean(full)) for m in peft(f)}
+        parts.append(f"{t}: corpus loss full {mean(full):.3f} vs " +
+                     ", ".join(f"{m} {mean(f['methods'][m]['corpus_loss']):.3f} (relative {d})" for m, d in ds.items()))
+        signs += [d.sign for d in ds.values()]
+    return "; ".join(parts), combine(signs)
+
+
+def claim_one_adapter_per_task(F):
+    """Task after task: full fine-tuning on the task and then on a second one leaves the first task's test
+    accuracy clearly lower than before; an adapter per task on one base keeps both (switching adapters
+    is exact, so its first task's accuracy is unchanged)."""
+    parts, signs = [], []
+    for t, f in F.items():
+        s = f.get("sequential")
+        if not s:
+            continue
+        d = diff(s["full"]["a_after_b"], s["full"]["a"])
+        parts.append(f"{t} then {s['task_b']}: full {t} accuracy {mean(s['full']['a']):.2f} -> "
+                     f"{mean(s['full']['a_after_b']):.2f} ({d}); {s['peft']} adapters: {t} "
+                     f"{mean(s['adapter']['a']):.2f} and {s['task_b']} {mean(s['adapter']['b']):.2f} on one base "
+                     f"(full's {s['task_b']}: {mean(s['full']['b']):.2f})")
+        signs.append(1 if d.sign < 0 else -1 if d.lo >= -POINTS_MARGIN else 0)
+    return ("; ".join(parts) or "needs the task-after-task runs"), combine(signs)
+
+
+def seconds_to(f, m, target):
+    """Per seed: training seconds until the val loss first reaches target (step x seconds per step, the one
+    step time of the timing in turns); inf when it never does."""
+    steps = f["methods"][m]["val_steps"]
+    out = []
+    for curve in f["methods"][m]["val_curves"]:
+        s = next((s for s, v in zip(steps, curve) if v <= target), None)
+        out.append(math.inf if s is None else s * f["methods"][m]["seconds_per_step"])
+    return out
 
 
 def claim_peft_faster(F):
-    """Each PEFT method reaches full fine-tuning's final val loss in less training time than full needed,
-    per task; time = the first evaluated step at or below it x seconds per step (timed in turns)."""
-    parts, flags = [], []
+    """Each PEFT method reaches the validation loss full fine-tuning ends at (its worst seed's) in clearly
+    less training time than full fine-tuning needs; a method that never reaches it is not faster."""
+    parts, signs = [], []
     for t, f in F.items():
-        M = f["methods"]
-        target = M["full"]["val_loss"]
-        seconds = {m: steps_to(M[m]["val_steps"], M[m]["val_losses"], target) * M[m]["seconds_per_step"] for m in M}
-        parts.append(f"{t}: seconds to reach val loss {target:.3f}: " +
-                     ", ".join(f"{m} {'never' if s == math.inf else f'{s:.1f}'}" for m, s in seconds.items()))
-        flags += [seconds[m] < seconds["full"] for m in peft(f)]
-    return "; ".join(parts), all_or_some(flags)
+        target = float(np.max(f["methods"]["full"]["val_loss"]))
+        full = seconds_to(f, "full", target)
+        shown = []
+        for m in peft(f):
+            times = seconds_to(f, m, target)
+            reached = [x for x in times if math.isfinite(x)]
+            if not reached:
+                signs.append(-1)
+            elif len(reached) < len(times):
+                signs.append(0)
+            else:
+                signs.append(-diff([[x] for x in times], [[x] for x in full]).sign)
+            shown.append(f"{m} " + ("never" if not reached else f"{np.mean(reached):.1f}s" +
+                                    (f" ({len(reached)} of {len(times)} seeds)" if len(reached) < len(times) else "")))
+        parts.append(f"{t}: seconds to val loss {target:.3f}: full {np.mean(full):.1f}s, " + ", ".join(shown))
+    return "; ".join(parts), combine(signs)
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA
 
 
 def claim_lora_beyond_generation(F):
-    """On the classify task (scored as a classifier head), LoRA's accuracy is clearly (2 s.e.) above the
-    base model's: supported; above but within noise: mixed."""
+    """On the classify task (scored as a classifier head), LoRA's test accuracy is clearly above the base
+    model's."""
     if "classify" not in F:
         return "needs the classify task (--task classify or all)", NOT_MEASURED
     f = F["classify"]
-    lora, base = f["methods"]["lora"]["accuracy"], f["base"]["accuracy"]
-    measured = f"classify accuracy: base {base:.2f}, LoRA {lora:.2f} (n={f['n_test']}, chance 0.50)"
-    if clearly_above(lora, base, f["n_test"]):
-        return measured, SUPPORTED
-    return measured, MIXED if lora > base else NOT_SUPPORTED
+    d = diff(f["methods"]["lora"]["accuracy"], f["base"]["accuracy"])
+    return (f"classify accuracy: base {mean(f['base']['accuracy']):.2f}, LoRA {mean(f['methods']['lora']['accuracy']):.2f} "
+            f"(difference {d}; chance 0.50)"), combine([d.sign])
+
+
+def variant_spread(group):
+    """The best and the worst setting of a variant group, and their relative difference in val loss."""
+    means = {k: mean(v["val_losses"]) for k, v in group.items()}
+    best, worst = min(means, key=means.get), max(means, key=means.get)
+    column = lambda k: [[x] for x in group[k]["val_losses"]]                # (seeds, 1)
+    return best, worst, diff(column(worst), column(best), scale=means[best])
+
+
+def needs_tuning(group):
+    """+1 the worst setting is clearly more than TUNE_MARGIN worse than the best; -1 it is less than that,
+    the whole interval; 0 else."""
+    _, _, d = variant_spread(group)
+    return 1 if d.lo > TUNE_MARGIN else -1 if d.hi <= TUNE_MARGIN else 0
+
+
+def show_group(name, group):
+    return f"{name}: " + ", ".join(f"{k} {mean(v['val_losses']):.3f} ({v['trainable_params']:,} params)"
+                                   for k, v in group.items()) + f" (worst/best - 1: {variant_spread(group)[2]})"
+
+
+def first_variants(F, groups):
+    for t, f in F.items():
+        found = {g: f.get("variants", {}).get(g) for g in groups}
+        if all(found.values()):
+            return t, found
+    return None, None
 
 
 def claim_lora_placement(F):
-    """Every placement tried (c_attn, its q and v slices, the MLP) trains: it cuts the task's val loss to
-    half its starting value or less."""
-    for t, f in F.items():
-        group = f.get("variants", {}).get("lora_place")
-        if group:
-            measured = f"{t}, val loss at start -> end: " + ", ".join(
-                f"{label} ({v['trainable_params']:,} params) {v['val_start']:.2f} -> {v['val_loss']:.3f}"
-                for label, v in group.items())
-            return measured, all_or_some(v["val_loss"] <= 0.5 * v["val_start"] for v in group.values())
-    return "needs the variant runs", NOT_MEASURED
+    """Where LoRA goes changes the result: the best and the worst placement tried (all of c_attn, its q and v
+    slices, the MLP; each at its own tuned lr, from the sweep) differ clearly in val loss. The choice
+    itself is a fact of the API: target_modules takes any linear layer."""
+    t, found = first_variants(F, ["lora_place"])
+    if not found:
+        return "needs the sweep's variant runs (python -m tinyllm sweep)", NOT_MEASURED
+    return f"{t} (sweep), {show_group('val loss', found['lora_place'])}", combine([needs_tuning(found["lora_place"])])
 
 
-def beats(f, a, b):
-    """a does better than b on a task: clearly higher accuracy, or accuracies within noise and a lower val loss."""
+def duel(f, a, b):
+    """+1 if a does clearly better than b on a task: higher test accuracy beyond the noise, or, when the
+    accuracies are within it, a lower val loss beyond the seeds' noise; -1 the other way; 0 a tie."""
     ma, mb = f["methods"][a], f["methods"][b]
-    if clearly_above(ma["accuracy"], mb["accuracy"], f["n_test"]):
-        return True
-    if clearly_above(mb["accuracy"], ma["accuracy"], f["n_test"]):
-        return False
-    return ma["val_loss"] < mb["val_loss"]
+    d = diff(ma["accuracy"], mb["accuracy"]).sign
+    return d if d else -diff(ma["val_loss"], mb["val_loss"]).sign
 
 
 def claim_lora_better(F):
-    """LoRA beats each other PEFT method, per task: clearly (2 s.e.) higher accuracy, or accuracies within
-    noise and a lower final val loss."""
-    parts, flags = [], []
+    """LoRA does clearly better than each other PEFT method, per task: a higher test accuracy beyond the
+    noise, or, with accuracies within it, a lower val loss beyond the seeds' noise."""
+    parts, signs = [], []
     for t, f in F.items():
         others = [m for m in peft(f) if m != "lora"]
-        wins = {m: beats(f, "lora", m) for m in others}
-        show = lambda m: f"{m} acc {f['methods'][m]['accuracy']:.2f} val {f['methods'][m]['val_loss']:.3f}"
-        parts.append(f"{t}: {show('lora')} vs " + ", ".join(f"{show(m)} ({'LoRA better' if w else 'LoRA not better'})"
-                                                            for m, w in wins.items()))
-        flags += wins.values()
-    return "; ".join(parts), all_or_some(flags)
+        outcome = {m: duel(f, "lora", m) for m in others}
+        signs += outcome.values()
+        show = lambda m: f"{m} acc {mean(f['methods'][m]['accuracy']):.2f} val {mean(f['methods'][m]['val_loss']):.3f}"
+        word = {1: "LoRA better", -1: "LoRA worse", 0: "tie"}
+        parts.append(f"{t}: {show('lora')} vs " + ", ".join(f"{show(m)} ({word[o]})" for m, o in outcome.items()))
+    return "; ".join(parts), combine(signs)
 
 
 def claim_lora_more_params(F):
-    """1 < LoRA's trainable parameters / prefix tuning's <= 3: supported; > 3: mixed (more, but not
-    slightly); <= 1: not supported."""
+    """Fact: the counts follow from the sizes chosen, r (in + out) per targeted linear for LoRA and
+    2 L P C for a prefix; the ratio is a choice, not a finding."""
     f = next(iter(F.values()))
-    lora, prefix = f["methods"]["lora"]["trainable_params"], f["methods"]["prefix"]["trainable_params"]
-    ratio = lora / prefix
-    measured = f"LoRA {lora:,} vs prefix {prefix:,} trainable parameters ({ratio:.2f}x)"
-    return measured, SUPPORTED if 1 < ratio <= 3 else MIXED if ratio > 3 else NOT_SUPPORTED
-
-
-def tuning_claim(F, groups, what):
-    """A setting needs tuning when the final val losses over its values spread by TUNE_SPREAD or more,
-    relative to the best; one verdict per group, combined with all_or_some."""
-    parts, flags = [], []
-    for t, f in F.items():
-        for g in groups:
-            group = f.get("variants", {}).get(g)
-            if not group:
-                continue
-            losses = {k: v["val_loss"] for k, v in group.items()}
-            parts.append(f"{t}, {g.replace('_', ' ')}: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()) +
-                         f" (spread {100 * spread(list(losses.values())):.0f}%)")
-            flags.append(spread(list(losses.values())) >= TUNE_SPREAD)
-        if parts:
-            break
-    return ("; ".join(parts) if parts else f"needs the {what} variant runs"), all_or_some(flags)
+    lora, prefix = f["methods"]["lora"], f["methods"]["prefix"]
+    return (f"{lora['formula']}; {prefix['formula']}; ratio {lora['trainable_params'] / prefix['trainable_params']:.2f}"), FACT
 
 
 def claim_lora_rank(F):
-    """The final val losses at r = 2, 8, 32 spread by TUNE_SPREAD or more (relative to the best)."""
-    return tuning_claim(F, ["lora_rank"], "rank")
+    """LoRA's rank matters: the best and the worst of r = 2, 8, 32 (lora_alpha = 2r, each at its own tuned
+    lr, from the sweep) differ clearly in val loss (supported), or by less than 5%, the whole interval
+    (not supported)."""
+    t, found = first_variants(F, ["lora_rank"])
+    if not found:
+        return "needs the sweep's variant runs (python -m tinyllm sweep)", NOT_MEASURED
+    return f"{t} (sweep), {show_group('val loss', found['lora_rank'])}", combine([needs_tuning(found["lora_rank"])])
+
+# ----------------------------------------------------------------------------------------------------
+# prefix tuning
 
 
 def claim_prefix_efficient(F):
-    """Prefix tuning trains <= 1% of the model's parameters: supported; <= 5%: mixed; more: not supported.
-    (Reported next to the same prefix on GPT-2 small.)"""
+    """Fact: a prefix trains 2 L P C numbers (keys and values, per layer and virtual token), a share of the
+    model that shrinks as the model grows."""
     f = next(iter(F.values()))
     m = f["methods"]["prefix"]
-    frac = m["trainable_params"] / f["base_params"]
     P = m["virtual_tokens"]
     small = GPTConfig(**GPT2_SMALL)
-    n_small = base_count(small)
-    frac_small = 2 * small.n_layer * P * small.n_embd / n_small
-    measured = (f"prefix trains {m['trainable_params']:,} of {f['base_params']:,} ({100 * frac:.2f}%); the same "
-                f"{P} tokens on GPT-2 small: {100 * frac_small:.3f}%")
-    return measured, SUPPORTED if frac <= 0.01 else MIXED if frac <= 0.05 else NOT_SUPPORTED
+    n_small = 2 * small.n_layer * P * small.n_embd
+    return (f"{m['formula']}: {100 * m['trainable_params'] / f['base_params']:.2f}% of this model; the same {P} "
+            f"tokens on GPT-2 small: {n_small:,} = {100 * n_small / base_count(small):.3f}%"), FACT
 
 
 def claim_prefix_generation(F):
-    """On each generation task, prefix tuning's accuracy is not clearly below the best PEFT method's and its
-    final val loss is within 1.5x of the best PEFT method's (the alternatives one would choose between)."""
-    parts, flags = [], []
-    for t, f in F.items():
-        if f["kind"] != "generate":
-            continue
-        p = f["methods"]["prefix"]
-        best_acc = max(f["methods"][m]["accuracy"] for m in peft(f))
-        best_val = min(f["methods"][m]["val_loss"] for m in peft(f))
-        parts.append(f"{t}: prefix acc {p['accuracy']:.2f} (best PEFT {best_acc:.2f}), val {p['val_loss']:.3f} "
-                     f"(best PEFT {best_val:.3f})")
-        flags.append(not clearly_above(best_acc, p["accuracy"], f["n_test"]) and p["val_loss"] <= 1.5 * best_val)
-    return ("; ".join(parts) or "needs a generation task"), all_or_some(flags)
+    """On each generation task, prefix tuning's test accuracy is within 10 points of the best PEFT method's,
+    the whole interval (supported), or clearly more than 10 points below it (not supported)."""
+    parts, signs = [], []
+    for t, f in generation_tasks(F).items():
+        m = best_method(f, peft(f))
+        d = diff(f["methods"]["prefix"]["accuracy"], f["methods"][m]["accuracy"])
+        parts.append(f"{t}: prefix {mean(f['methods']['prefix']['accuracy']):.2f} vs best PEFT {m} "
+                     f"{mean(f['methods'][m]['accuracy']):.2f} ({d})")
+        signs.append(1 if d.lo >= -SUITED_MARGIN else -1 if d.hi < -SUITED_MARGIN else 0)
+    return ("; ".join(parts) or "needs a generation task"), combine(signs)
 
 
 def claim_prefix_narrower(F):
-    """Against LoRA, prefix tuning does worse on classification than on generation: its val-loss ratio to
-    LoRA is larger on classify than on every generation task, and its classify accuracy is below LoRA's.
-    Both: supported; one: mixed."""
-    gens = [t for t, f in F.items() if f["kind"] == "generate"]
+    """Against LoRA, prefix tuning does worse on classification than on generation: its test-accuracy gap to
+    LoRA is clearly larger on classify than on each generation task."""
+    gens = generation_tasks(F)
     if "classify" not in F or not gens:
         return "needs the classify task and a generation task (--task all)", NOT_MEASURED
-    ratio = {t: F[t]["methods"]["prefix"]["val_loss"] / F[t]["methods"]["lora"]["val_loss"]
-             for t in ["classify"] + gens}
-    acc = {m: F["classify"]["methods"][m]["accuracy"] for m in ("prefix", "lora")}
-    measured = ("prefix/LoRA val loss: " + ", ".join(f"{t} {r:.2f}x" for t, r in ratio.items()) +
-                f"; classify accuracy prefix {acc['prefix']:.2f} vs LoRA {acc['lora']:.2f}")
-    return measured, both(all(ratio["classify"] > ratio[t] for t in gens), acc["prefix"] < acc["lora"])
+    ds = {t: diff(F[t]["methods"]["lora"]["accuracy"], F[t]["methods"]["prefix"]["accuracy"])
+          for t in ["classify", *gens]}
+    signs = []
+    for t in gens:
+        c, g = ds["classify"], ds[t]
+        signs.append(Diff(c.value - g.value, math.hypot(c.se, g.se), min(c.dof, g.dof)).sign)
+    return ("LoRA - prefix accuracy: " + ", ".join(f"{t} {d}" for t, d in ds.items())), combine(signs)
 
 
 def claim_prefix_tuning(F):
-    """The final val losses spread by TUNE_SPREAD or more (relative to the best) over the prefix lengths
-    P = 3, 10, 25, and over random vs text initialisation. Both groups: supported; one: mixed."""
-    return tuning_claim(F, ["prefix_length", "prefix_init"], "prefix")
+    """The prefix's length (P = 3, 10, 25) and its initialisation (random, or the keys and values of real
+    text) each matter: their best and worst settings differ clearly in val loss (from the sweep)."""
+    t, found = first_variants(F, ["prefix_length", "prefix_init"])
+    if not found:
+        return "needs the sweep's variant runs (python -m tinyllm sweep)", NOT_MEASURED
+    return (f"{t} (sweep), " + "; ".join(show_group(g.replace("_", " "), v) for g, v in found.items()),
+            combine(needs_tuning(v) for v in found.values()))
 
 
-# (claim as introductions put it, the rule that decides it)
+# (claim as introductions put it, the rule that decides it, where to look: figure, lesson)
 CLAIMS = [
-    ("Fine-tuning lets you give more examples than few-shot prompting", claim_more_examples),
-    ("Fine-tuning shortens every input (no examples in the prompt)", claim_shorter_inputs),
-    ("Fine-tuning can teach complex instructions", claim_complex_instructions),
-    ("Fine-tuning can change the structure or tone of responses", claim_structure),
-    ("Full fine-tuning is expensive", claim_full_expensive),
-    ("Full fine-tuning risks overwriting existing knowledge", claim_full_forgets),
-    ("Full fine-tuning needs a full copy of the model per task", claim_full_copy),
-    ("PEFT cuts compute", claim_peft_compute),
-    ("PEFT preserves knowledge", claim_peft_preserves),
-    ("PEFT trains faster", claim_peft_faster),
-    ("LoRA applies beyond generation", claim_lora_beyond_generation),
-    ("LoRA gives fine control over where it is injected", claim_lora_placement),
-    ("LoRA performs better (than the other PEFT methods)", claim_lora_better),
-    ("LoRA adds slightly more parameters than prefix tuning", claim_lora_more_params),
-    ("LoRA needs its rank tuned", claim_lora_rank),
-    ("Prefix tuning is extremely parameter-efficient", claim_prefix_efficient),
-    ("Prefix tuning is suited to generation", claim_prefix_generation),
-    ("Prefix tuning is narrower than LoRA", claim_prefix_narrower),
-    ("Prefix tuning's length and initialization need tuning", claim_prefix_tuning),
+    ("Fine-tuning lets you give more examples than few-shot prompting", claim_more_examples, ("accuracy.png", "14")),
+    ("Fine-tuning does better than few-shot prompting", claim_beats_few_shot, ("accuracy.png", "14")),
+    ("Fine-tuning shortens every input (no examples in the prompt)", claim_shorter_inputs, ("", "14")),
+    ("Fine-tuning can teach complex instructions", claim_complex_instructions, ("accuracy.png", "09")),
+    ("Fine-tuning can change the structure or tone of responses", claim_structure, ("accuracy.png", "09")),
+    ("Full fine-tuning is expensive", claim_full_expensive, ("step_time.png", "16")),
+    ("Full fine-tuning risks overwriting existing knowledge", claim_full_forgets, ("forgetting.png", "05")),
+    ("Full fine-tuning needs a full copy of the model per task", claim_full_copy, ("memory.png", "05")),
+    ("PEFT cuts compute", claim_peft_compute, ("step_time.png", "16")),
+    ("PEFT preserves knowledge: the base model is untouched", claim_base_untouched, ("", "06")),
+    ("PEFT preserves knowledge: the facts are still recalled with it on", claim_peft_keeps_facts, ("forgetting.png", "09")),
+    ("PEFT preserves knowledge: the language is kept with it on", claim_peft_keeps_language, ("forgetting.png", "09")),
+    ("PEFT forgets less than full fine-tuning", claim_peft_forgets_less, ("forgetting.png", "09")),
+    ("One adapter per task keeps every task; full fine-tuning overwrites", claim_one_adapter_per_task,
+     ("sequential.png", "06")),
+    ("PEFT trains faster", claim_peft_faster, ("loss.png", "09")),
+    ("LoRA applies beyond generation", claim_lora_beyond_generation, ("accuracy.png", "09")),
+    ("LoRA gives fine control over where it is injected", claim_lora_placement, ("variants.png", "10")),
+    ("LoRA performs better (than the other PEFT methods)", claim_lora_better, ("accuracy.png", "09")),
+    ("LoRA adds slightly more parameters than prefix tuning", claim_lora_more_params, ("params.png", "09")),
+    ("LoRA needs its rank tuned", claim_lora_rank, ("variants.png", "10")),
+    ("Prefix tuning is extremely parameter-efficient", claim_prefix_efficient, ("params.png", "07")),
+    ("Prefix tuning is suited to generation", claim_prefix_generation, ("accuracy.png", "07")),
+    ("Prefix tuning is narrower than LoRA", claim_prefix_narrower, ("accuracy.png", "11")),
+    ("Prefix tuning's length and initialization need tuning", claim_prefix_tuning, ("variants.png", "11")),
 ]
 
 
 def rule_text(rule):
-    """A rule's docstring on one line, with the thresholds' values in place of their names."""
-    text = " ".join(rule.__doc__.split())
-    for name, value in (("FORGET_LOSS", f"{FORGET_LOSS:.0%}"), ("FORGET_RECALL", f"{100 * FORGET_RECALL:.0f} points"),
-                        ("TUNE_SPREAD", f"{TUNE_SPREAD:.0%}")):
-        text = text.replace(name, value)
-    return text
+    """A rule's docstring on one line."""
+    return " ".join(rule.__doc__.split())
 
 
-def judge_claims(facts):
-    """[{claim, measured, verdict, rule}] for every claim in CLAIMS, from facts (see task_facts)."""
+def judge_claims(facts, smoke=False):
+    """[{claim, measured, verdict, rule, figure, lesson}] for every claim in CLAIMS, from facts (see
+    compare.task_facts). smoke: a --quick run; every measured claim gets SMOKE instead of a verdict."""
     rows = []
-    for claim, rule in CLAIMS:
+    for claim, rule, (figure, lesson) in CLAIMS:
         measured, verdict = rule(facts)
-        rows.append({"claim": claim, "measured": measured, "verdict": verdict, "rule": rule_text(rule)})
+        if smoke and verdict != FACT:
+            verdict = SMOKE
+        rows.append({"claim": claim, "measured": measured, "verdict": verdict, "rule": rule_text(rule),
+                     "figure": figure, "lesson": lesson})
     return rows
-

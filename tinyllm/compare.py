@@ -1,117 +1,82 @@
 """
-The comparison behind `python -m tinyllm compare`: five fine-tuning methods, one pretrained model, one
-task, the same step budget, and every claim an introduction to fine-tuning makes turned into a number.
+The comparison behind `python -m tinyllm compare`: five fine-tuning methods on one pretrained model and
+one task, each at its own tuned learning rate and step budget, over several seeds, and every claim an
+introduction to fine-tuning makes turned into a number and a verdict that accounts for the noise.
 
-    results = compare(task="record", steps=200)        # writes runs/compare/{results.json, report.md, *.png}
+    results = compare(task="extract", seeds=3)      # writes runs/compare/{results.json, report.md, *.png}
     for c in results["claims"]: print(c["claim"], c["verdict"])
 
 The steps:
   1. load the pretrained checkpoint (pretrain one first if there is none)
-  2. per task: measure the base model (test accuracy, knowledge), and few-shot prompting of it
-  3. fine-tune full, LoRA, prefix, prompt and adapter (tinyllm.finetune.finetune), for each seed
-  4. a few variations of LoRA (rank, placement) and prefix tuning (length, initialisation)
-  5. compute the claims' verdicts from the numbers, by the rules in tinyllm/claims.py (CLAIMS)
-  6. write results.json, the plots and report.md (tinyllm/report.py); print the table
+  2. each method's learning rate and step budget from the sweep (tinyllm/sweeps/<task>/, made by
+     `python -m tinyllm sweep`, which tuned them on validation data)
+  3. the base model: its test accuracy, its answers' format, its knowledge; few-shot prompting of it
+  4. fine-tune full, LoRA, prefix, prompt and adapter for every seed (tinyllm.finetune.finetune)
+  5. one training step of every method, timed in turns
+  6. task after task: full fine-tuning continued on a second task, and a second LoRA adapter on the base
+  7. the claims' verdicts (tinyllm/claims.py); plots and report.md (tinyllm/report.py); results.json
 
-Every verdict is computed: a rule reads the measured numbers and returns supported, not supported, mixed
-or not measured (when the run did not include what the claim needs, e.g. a classification task).
+`quick=True` (--quick) is a smoke test: a tiny pretraining and a few steps, to prove the code runs. It
+states no verdicts.
 """
 import copy
 import dataclasses
 import json
 import os
-import re
 import time
 
 import numpy as np
 
-from .checkpoint import load_pretrained
+from .checkpoint import atomic_open, load_pretrained
 from .claims import judge_claims
 from .data import World
 from .finetune import finetune, knowledge_probe, measure_base, task_batches
 from .optim import AdamW, clip_grad_norm
-from .peft import (AdapterConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
-                   get_peft_model)
+from .peft import PeftModel, get_peft_model
 from .peft.peft_model import reserved_positions
+from .presets import MAIN_METHODS, method_config, sweep_variants, tuned
 from .report import plot_all, results_rows, text_table, write_report
-from .tasks import RECORD_FIELDS, TASKS, evaluate, few_shot_task, get_task
+from .sweep import BATCH_SIZE, N_VAL
+from .tasks import TASKS, evaluate, few_shot_task, format_ok, get_task
 from .train import PRETRAIN_OUT, default_out, duration, pretrain
 
 DEFAULT_CHECKPOINT = PRETRAIN_OUT
 DEFAULT_OUT = "runs/compare"
-METHODS = ("full", "lora", "prefix", "prompt", "adapter")
-
-
-def method_config(name):
-    """A fresh config for one of METHODS, with the sizes the comparison uses."""
-    return {"full": lambda: FullFineTuningConfig(),
-            "lora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]),
-            "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=10),
-            "prompt": lambda: PromptTuningConfig(num_virtual_tokens=10),
-            "adapter": lambda: AdapterConfig(bottleneck_size=16)}[name]()
-
-
-# Peak learning rates, tuned per method: final val loss (nats per answer token) on the record task after
-# 200 steps of 8 from the default pretrained model, seed 0, for each lr tried (the best is the default):
-#   full     1e-3 0.289   3e-3 0.265   1e-2 0.454
-#   LoRA     3e-3 1.785   1e-2 1.463   3e-2 2.403
-#   prefix   1e-2 4.085   3e-2 2.441   1e-1 1.928   3e-1 1.793   1.0 2.171
-#   prompt   1e-2 4.463   3e-2 3.527   1e-1 3.364   3e-1 3.171   1.0 3.233
-#   adapter  3e-3 1.922   1e-2 1.474   3e-2 1.372   1e-1 1.687
-# The fewer numbers a method trains, the larger the step each of them wants. Checked on qa (100 steps of 8):
-# the same lrs win or come within 1%, except full, which prefers 1e-3 there (val 1.130 against 1.705 at 3e-3).
-LRS = {"full": 3e-3, "lora": 1e-2, "prefix": 3e-1, "prompt": 3e-1, "adapter": 3e-2}
-
-# The variations the tuning claims need, run on the first task with seed 0: {group: (method, {label:
-# make(task) -> config})}, where None is the method's own config in the main comparison (it runs once for
-# all groups). LoRA keeps lora_alpha = 2r, so only the rank changes, not the scale of its update.
-VARIANTS = {
-    "lora_rank": ("lora", {"r=2": lambda task: LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"]),
-                           "r=8": None,
-                           "r=32": lambda task: LoraConfig(r=32, lora_alpha=64, target_modules=["c_attn"])}),
-    "lora_place": ("lora", {"c_attn": None,
-                            "q,v": lambda task: LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn.q", "c_attn.v"]),
-                            "mlp": lambda task: LoraConfig(r=8, lora_alpha=16, target_modules=["c_fc", "mlp.c_proj"])}),
-    # P=25 is about the most that leaves room for the longest examples (100 tokens) in a context of 128
-    "prefix_length": ("prefix", {"P=3": lambda task: PrefixTuningConfig(num_virtual_tokens=3), "P=10": None,
-                                 "P=25": lambda task: PrefixTuningConfig(num_virtual_tokens=25)}),
-    # text: the keys and values of a real training example (its first 10 tokens), as the paper initialises
-    "prefix_init": ("prefix", {"random": None, "text": lambda task: PrefixTuningConfig(
-        num_virtual_tokens=10, init="text", init_text="".join(task.train[0]))}),
-}
+DEFAULT_TASK = "extract"
+SECOND_TASK = {"extract": "qa", "record": "qa", "qa": "extract", "classify": "extract"}   # task after task
 
 
 @dataclasses.dataclass
 class Settings:
-    steps: int = 200              # optimizer steps per method (the same budget for every method)
-    batch_size: int = 8           # examples per step
-    eval_interval: int = 25       # steps between validation losses
-    variant_steps: int = 50       # steps of each variant run (they are compared with each other only)
+    seeds: int = 3                # runs per method, seeds first_seed, first_seed + 1, ...
+    first_seed: int = 0
+    steps: int | None = None      # None: each method's budget from the sweep; a number: that many for all
+    batch_size: int = BATCH_SIZE  # examples per step (the sweep's)
+    eval_points: int = 10         # validation losses per run (and one at step 0)
+    n_val: int = N_VAL            # val examples in the validation loss (the sweep's)
     n_test: int | None = None     # test examples per task (None: all of them)
-    n_val: int = 64               # val examples in the validation loss
     n_recall: int | None = None   # facts in the fact-recall probe (None: all, 6 per person)
     probe_windows: int = 16       # corpus windows in the knowledge probe
     max_shots: int = 8            # the largest k tried for few-shot prompting
     timing_rounds: int = 20       # rounds of interleaved step timing (one step of every method per round)
+    sequential: bool = True       # run the task-after-task experiment
+    fallback_steps: int = 500     # a method's budget when the sweep has not covered the task
+    smoke: bool = False           # a --quick run: no verdicts
 
 
-# The default budget fits the main command in about 5 minutes on 2 cores, pretraining included. Measured end to
-# end with no checkpoint (2 cores shared with other jobs, load average ~3): 6m06s wall, of which pretraining
-# 2m52s and fine-tuning plus evaluation 3m14s; 4m24s of CPU time in all, what an idle machine would take.
-# The fine-tuning part alone: 130 CPU seconds (5 methods x 200 steps, 8 variant runs x 50 steps, evaluations).
 DEFAULT_SETTINGS = Settings()
-QUICK_SETTINGS = Settings(steps=4, batch_size=2, eval_interval=2, variant_steps=1, n_test=4, n_val=4, n_recall=4,
-                          probe_windows=2, max_shots=2, timing_rounds=2)
+QUICK_SETTINGS = Settings(seeds=2, steps=4, batch_size=2, eval_points=2, n_val=4, n_test=4, n_recall=4,
+                          probe_windows=2, max_shots=2, timing_rounds=2, smoke=True)
 
 
 # ----------------------------------------------------------------------------------------------------
-# extra measurements: few-shot prompting, and the structure of the record task's answers
+# measurements besides the training runs
 
-def few_shot_baseline(model, tokenizer, task, base_accuracy, max_shots):
+def few_shot_baseline(model, tokenizer, task, max_shots):
     """The base model prompted with k solved examples, for k = 0, 1, ... while they fit in the context.
 
-    Returns: list of {k, tokens_per_query (mean prompt tokens), fits, accuracy (None when it does not fit)};
-    the last row is the first k that does not fit (or max_shots).
+    Returns: list of {k, tokens_per_query (mean prompt tokens), fits, accuracy and correct (per test example;
+    None when it does not fit)}; the last row is the first k that does not fit (or max_shots).
     """
     block_size = model.config.block_size
     rows = []
@@ -119,30 +84,12 @@ def few_shot_baseline(model, tokenizer, task, base_accuracy, max_shots):
         shot = few_shot_task(task, k) if k else task
         sizes = [(len(tokenizer.encode(p)), len(tokenizer.encode(a))) for p, a in shot.test]
         fits = all(p + a - 1 <= block_size for p, a in sizes)      # the prompt and its answer, as generated
-        accuracy = (base_accuracy if k == 0 else evaluate(model, tokenizer, shot)["accuracy"]) if fits else None
+        ev = evaluate(model, tokenizer, shot) if fits else {"accuracy": None, "correct": None}
         rows.append({"k": k, "tokens_per_query": float(np.mean([p for p, _ in sizes])), "fits": fits,
-                     "accuracy": accuracy})
+                     "accuracy": ev["accuracy"], "correct": ev["correct"]})
         if not fits:
             break
     return rows
-
-
-RECORD_LINE = re.compile(r" name=[a-z]+(\|(" + "|".join(RECORD_FIELDS) + r")=[a-z0-9]+)+\n")
-
-
-def record_scores(predictions, answers):
-    """For the record task: how often the answer has the record's structure, and how many fields are right.
-
-    format_rate     predictions that read ' name=...|field=value|...\\n' with known fields
-    field_accuracy  the answers' key=value pairs (name included) that the prediction contains
-    """
-    formatted = [bool(RECORD_LINE.fullmatch(p)) for p in predictions]
-    hits, total = 0, 0
-    for pred, answer in zip(predictions, answers):
-        want = answer.strip().split("|")
-        got = set(pred.strip().split("|"))
-        hits, total = hits + sum(w in got for w in want), total + len(want)
-    return {"format_rate": float(np.mean(formatted)), "field_accuracy": hits / total}
 
 
 def interleaved_step_times(base, tokenizer, task, lrs, batch_size, rounds, seed=0):
@@ -150,18 +97,18 @@ def interleaved_step_times(base, tokenizer, task, lrs, batch_size, rounds, seed=
     `rounds` rounds, all on the same batches. When other programs load the machine, every method is slowed
     alike, which timing the methods one after the other (as the training runs are) cannot promise.
 
-    A step is what train() does: forward, backward, gradient clipping, AdamW. The first round warms up
-    and is not counted. Returns {method: {median, q1, q3}} in seconds.
+    A step is what train() does: forward, backward, gradient clipping, AdamW. The first round warms up and
+    is not counted. Returns {method: {median, q1, q3 (seconds), log_ratio_mean, log_ratio_se, n}}: the
+    ratio is to full fine-tuning's step in the same round, so a load that comes and goes cancels out.
     """
-    block_size = base.config.block_size
     steppers = {}
-    for m in METHODS:
+    for m in MAIN_METHODS:
         pm = get_peft_model(copy.deepcopy(base), method_config(m), tokenizer=tokenizer, seed=seed)
         steppers[m] = (pm, AdamW(pm.trainable_parameters(), lr=lrs[m]))
-    room = max(reserved_positions(method_config(m)) for m in METHODS)
-    get_batch = task_batches(tokenizer, task, block_size, batch_size, reserved=room)
+    room = max(reserved_positions(method_config(m)) for m in MAIN_METHODS)
+    get_batch = task_batches(tokenizer, task, base.config.block_size, batch_size, reserved=room)
     rng = np.random.default_rng(seed)
-    times = {m: [] for m in METHODS}
+    times = {m: [] for m in MAIN_METHODS}
     for _ in range(rounds + 1):
         x, y = get_batch("train", rng)
         for m, (pm, optimizer) in steppers.items():
@@ -171,27 +118,26 @@ def interleaved_step_times(base, tokenizer, task, lrs, batch_size, rounds, seed=
             clip_grad_norm(grads, 1.0)
             optimizer.step(grads)
             times[m].append(time.perf_counter() - start)
-    return {m: dict(zip(("q1", "median", "q3"), map(float, np.percentile(t[1:], [25, 50, 75]))))
-            for m, t in times.items()}
+    out = {}
+    for m, t in times.items():
+        t = np.array(t[1:])
+        logs = np.log(t / np.array(times["full"][1:]))
+        q1, median, q3 = np.percentile(t, [25, 50, 75])
+        out[m] = {"median": float(median), "q1": float(q1), "q3": float(q3), "log_ratio_mean": float(logs.mean()),
+                  "log_ratio_se": float(logs.std(ddof=1) / np.sqrt(len(logs))) if len(logs) > 1 else float("inf"),
+                  "n": len(logs)}
+    return out
 
-
-# ----------------------------------------------------------------------------------------------------
-# running the comparison
 
 def stats(values):
-    """{mean, std, min, max} of the values of one metric over seeds."""
+    """{mean, std, min, max, values} of one metric over seeds."""
     a = np.asarray(values, dtype=float)
-    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max()), "values": [float(v) for v in a]}
 
 
-SCALARS = ("accuracy_after", "final_val_loss", "seconds_per_step", "train_seconds", "trainable_params",
-           "optimizer_state_bytes", "saved_bytes", "full_copy_bytes", "corpus_loss_after", "fact_recall_after",
-           "format_rate", "field_accuracy")
-
-
-def summarise(flat_runs):
-    """{metric: stats over seeds} from each seed's scalars()."""
-    return {k: stats([f[k] for f in flat_runs]) for k in flat_runs[0]}
+SCALARS = ("accuracy_after", "format_rate", "final_val_loss", "corpus_loss_after", "fact_recall_after",
+           "seconds_per_step", "train_seconds", "trainable_params", "optimizer_state_bytes", "saved_bytes")
 
 
 def scalars(run):
@@ -200,136 +146,183 @@ def scalars(run):
     flat = {**run, "corpus_loss_after": knowledge.get("corpus_loss"), "fact_recall_after": knowledge.get("fact_recall")}
     return {k: flat[k] for k in SCALARS if flat.get(k) is not None}
 
-
-def run_variants(base, tokenizer, task, settings, lrs, main_runs, echo):
-    """The VARIANTS groups on one task (seed 0), variant_steps each; a method's main config is the main
-    run itself when variant_steps equals its budget. Returns {group: {label: {method, val_loss, val_start,
-    trainable_params, main}}}."""
-    done = {}                                        # (method, label or None) -> run: each config runs once
-
-    def run(method, label, make):
-        key = (method, None if make is None else label)
-        if key not in done:
-            if make is None and settings.variant_steps == settings.steps:
-                done[key] = main_runs[method][0]
-            else:
-                config = method_config(method) if make is None else make(task)
-                done[key] = finetune(
-                    base, tokenizer, config, task, settings.variant_steps, settings.batch_size, lrs[method], 0,
-                    settings.variant_steps, out=lambda line: echo(f"[{task.name}/{method} {label}] {line}"),
-                    evaluate_test=False, log_interval=settings.variant_steps, n_val=settings.n_val)
-        r = done[key]
-        return {"method": method, "val_loss": r["final_val_loss"], "val_start": r["history"]["val_loss"][0],
-                "trainable_params": r["trainable_params"], "main": make is None}
-
-    return {group: {label: run(method, label, make) for label, make in configs.items()}
-            for group, (method, configs) in VARIANTS.items()}
+# ----------------------------------------------------------------------------------------------------
+# running the comparison
 
 
-def run_task(name, world, base, tokenizer, probe, settings, seeds, lrs, out_dir, echo, with_variants):
-    """Every method (and seed) on one task, plus its baselines. Returns the task's part of results.json."""
+def budgets(task_name, settings):
+    """{method: {lr, steps, flattened, source}}: the sweep's choice, with --steps or a fallback applied."""
+    out = tuned(task_name)
+    for t in out.values():
+        if settings.steps is not None:
+            t.update(steps=settings.steps, source=t["source"] + f" (steps set to {settings.steps})")
+        elif t["steps"] is None:
+            t["steps"] = settings.fallback_steps
+    return out
+
+
+def train_method(base, tok, task, m, tuning, seed, settings, probe, before, out_dir, echo):
+    """One method, one seed. Returns (its results, the trained PeftModel)."""
+    tag = f"{task.name}/{m}/seed{seed}"
+    steps = tuning["steps"]
+    r, pm = finetune(base, tok, method_config(m), task, steps, settings.batch_size, tuning["lr"], seed,
+                     eval_interval=max(1, steps // settings.eval_points), out=lambda line: echo(f"[{tag}] {line}"),
+                     save_dir=os.path.join(out_dir, "adapters", tag), probe=probe, before=before,
+                     n_val=settings.n_val, log_interval=max(1, steps // 4), return_model=True)
+    if task.kind == "generate":
+        r["format_ok"] = format_ok(r["predictions_after"], task)
+        r["format_rate"] = float(np.mean(r["format_ok"]))
+    recall = (f", fact recall {r['knowledge_before']['fact_recall']:.3f} -> {r['knowledge_after']['fact_recall']:.3f}"
+              if r["knowledge_after"] else "")
+    echo(f"[{tag}] test accuracy {r['accuracy_after']:.3f}, val loss {r['final_val_loss']:.3f}"
+         f"{'' if r['flattened'] else ' (still falling at the end)'}{recall}")
+    return r, pm
+
+
+def run_sequential(base, tok, world, task, models, seeds, settings, probe, out_dir, echo):
+    """Task after task. Full fine-tuning: the model fine-tuned on task A, fine-tuned again on task B; then
+    its accuracy on A. LoRA: a second adapter trained on B from the base; both adapters loaded on one base
+    with PeftModel.load_adapter, each judged on its own task. Returns per-seed lists."""
+    task_b = get_task(SECOND_TASK[task.name], world)
+    if settings.n_test:
+        task_b = dataclasses.replace(task_b, test=task_b.test[:settings.n_test])
+    tuning_b = budgets(task_b.name, settings)
+    out = {"task_b": task_b.name, "peft": "lora", "n_test_a": len(task.test), "n_test_b": len(task_b.test),
+           "tuning_b": {m: tuning_b[m] for m in ("full", "lora")},
+           "full": {"a": [], "b": [], "a_after_b": []}, "adapter": {"a": [], "b": []}}   # per seed, per example
+    for seed in seeds:
+        full_a = models[("full", seed)].base_model              # full fine-tuning's model: the base it trained
+        r_full, pm_full = train_method(full_a, tok, task_b, "full", tuning_b["full"], seed, settings, None, None,
+                                       out_dir, echo)
+        out["full"]["a"].append(evaluate(full_a, tok, task)["correct"])
+        out["full"]["b"].append(r_full["correct_after"])
+        out["full"]["a_after_b"].append(evaluate(pm_full, tok, task)["correct"])
+        train_method(base, tok, task_b, "lora", tuning_b["lora"], seed, settings, None, None, out_dir, echo)
+        both = PeftModel.from_pretrained(copy.deepcopy(base), os.path.join(out_dir, "adapters", task.name, "lora",
+                                                                           f"seed{seed}"), adapter_name=task.name)
+        both.load_adapter(os.path.join(out_dir, "adapters", task_b.name, "lora", f"seed{seed}"), task_b.name)
+        for name, which, t in ((task.name, "a", task), (task_b.name, "b", task_b)):
+            both.set_adapter(name)
+            out["adapter"][which].append(evaluate(both, tok, t)["correct"])
+        acc = lambda who, which: float(np.mean(out[who][which][-1]))
+        echo(f"task after task, seed {seed}: full {task.name} {acc('full', 'a'):.3f} -> {acc('full', 'a_after_b'):.3f} "
+             f"after {task_b.name}; LoRA adapters on one base: {task.name} {acc('adapter', 'a'):.3f}, "
+             f"{task_b.name} {acc('adapter', 'b'):.3f}")
+    return out
+
+
+def run_task(name, world, base, tokenizer, probe, settings, out_dir, echo):
+    """Every method and seed on one task, its baselines and the task after it. Returns its part of
+    results.json."""
     task = get_task(name, world)
     if settings.n_test:
         task = dataclasses.replace(task, test=task.test[:settings.n_test])
-    answers = [a for _, a in task.test]
-    echo(f"== task {name}: {len(task.train)} train, {len(task.val)} val, {len(task.test)} test examples ==")
+    tuning = budgets(name, settings)
+    seeds = list(range(settings.first_seed, settings.first_seed + settings.seeds))
+    echo(f"== task {name}: {len(task.train)} train, {len(task.val)} val, {len(task.test)} test examples; "
+         "lr and steps per method: " + ", ".join(f"{m} {t['lr']:g}/{t['steps']}" for m, t in tuning.items())
+         + ("" if all(t["source"] != "fallback" for t in tuning.values()) else
+            f" (no sweep for some methods on {name}: they use a preset lr and {settings.fallback_steps} steps, "
+            f"not tuned; python -m tinyllm sweep --task {name} tunes them)") + " ==")
     before = measure_base(base, tokenizer, task, probe)
-    few_shot = few_shot_baseline(base, tokenizer, task, before["accuracy"], settings.max_shots)
+    few_shot = few_shot_baseline(base, tokenizer, task, settings.max_shots)
     echo(f"base model: test accuracy {before['accuracy']:.3f}, corpus loss {before['knowledge']['corpus_loss']:.3f}, "
          f"fact recall {before['knowledge']['fact_recall']:.3f}; few-shot: " +
          ", ".join(f"k={r['k']} {r['accuracy']:.3f} ({r['tokens_per_query']:.0f} tokens)" if r["fits"] else
-                   f"k={r['k']} does not fit ({r['tokens_per_query']:.0f} tokens + answer > "
-                   f"{base.config.block_size})" for r in few_shot))
-    runs = {m: [] for m in METHODS}
-    for seed in range(seeds):
-        for m in METHODS:
-            tag = f"{name}/{m}" + (f"/seed{seed}" if seeds > 1 else "")
-            r = finetune(base, tokenizer, method_config(m), task, settings.steps, settings.batch_size, lrs[m], seed,
-                         settings.eval_interval, out=lambda line, tag=tag: echo(f"[{tag}] {line}"),
-                         save_dir=os.path.join(out_dir, "adapters", tag), probe=probe, before=before,
-                         n_val=settings.n_val)
-            if name == "record":
-                r.update(record_scores(r["predictions_after"], answers))
-            echo(f"[{tag}] done: test accuracy {r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f}, val loss "
-                 f"{r['final_val_loss']:.3f}, {r['seconds_per_step'] * 1e3:.0f} ms/step in this run, fact recall "
-                 f"{r['knowledge_before']['fact_recall']:.3f} -> {r['knowledge_after']['fact_recall']:.3f}")
+                   f"k={r['k']} does not fit" for r in few_shot))
+    runs, models = {m: [] for m in MAIN_METHODS}, {}
+    for seed in seeds:
+        for m in MAIN_METHODS:
+            r, pm = train_method(base, tokenizer, task, m, tuning[m], seed, settings, probe, before, out_dir, echo)
             runs[m].append(r)
+            if m == "full":
+                models[(m, seed)] = pm
     echo(f"timing one step of each method in turns, {settings.timing_rounds} rounds")
-    step_times = interleaved_step_times(base, tokenizer, task, lrs, settings.batch_size, settings.timing_rounds)
-    echo("ms/step (median, timed in turns): " +
-         ", ".join(f"{m} {1e3 * t['median']:.0f}" for m, t in step_times.items()))
-    result = {"task": name, "kind": task.kind, "n_train": len(task.train), "n_test": len(task.test),
-              "step_times": step_times,
-              "base": {"accuracy": before["accuracy"], **before["knowledge"],
-                       **(record_scores(before["predictions"], answers) if name == "record" else {})},
-              "few_shot": few_shot,
-              "examples": [{"input": p, "expected": a,
-                            "outputs": {"base": before["predictions"][i],
-                                        **{m: runs[m][0]["predictions_after"][i] for m in METHODS}}}
-                           for i, (p, a) in enumerate(task.test[:3])],
-              "runs": {m: [{k: v for k, v in r.items() if k != "predictions_after"} for r in rs]
-                       for m, rs in runs.items()},
-              "summary": {m: summarise([scalars(r) for r in rs]) for m, rs in runs.items()}}
-    if with_variants:
-        result["variants"] = run_variants(base, tokenizer, task, settings, lrs, runs, echo)
-    return result
+    step_times = interleaved_step_times(base, tokenizer, task, {m: t["lr"] for m, t in tuning.items()},
+                                        settings.batch_size, settings.timing_rounds)
+    echo("ms/step (median, timed in turns): " + ", ".join(f"{m} {1e3 * t['median']:.0f}" for m, t in step_times.items()))
+    sequential = None
+    if settings.sequential and name in SECOND_TASK:
+        sequential = run_sequential(base, tokenizer, world, task, models, seeds, settings, probe, out_dir, echo)
+    base_row = {"accuracy": before["accuracy"], "correct": before["correct"], **before["knowledge"]}
+    if task.kind == "generate":
+        base_row["format_ok"] = format_ok(before["predictions"], task)
+        base_row["format_rate"] = float(np.mean(base_row["format_ok"]))
+    return {"task": name, "kind": task.kind, "n_train": len(task.train), "n_test": len(task.test),
+            "seeds": seeds, "tuning": tuning, "step_times": step_times, "base": base_row, "few_shot": few_shot,
+            "examples": [{"input": p, "expected": a,
+                          "outputs": {"base": before["predictions"][i],
+                                      **{m: runs[m][0]["predictions_after"][i] for m in MAIN_METHODS}}}
+                         for i, (p, a) in enumerate(task.test[:3])],
+            "runs": {m: [{k: v for k, v in r.items() if k != "predictions_after"} for r in rs] for m, rs in runs.items()},
+            "summary": {m: {k: stats([scalars(r)[k] for r in rs]) for k in scalars(rs[0])} for m, rs in runs.items()},
+            "sequential": sequential}
 
 
-def task_facts(t, base):
-    """The numbers the claims read, for one task of results.json (means over seeds)."""
-    mean = lambda m, k: t["summary"][m][k]["mean"]
+def task_facts(t, base, variants):
+    """The numbers the claims read, for one task of results.json: for each method, (seeds, items) lists
+    (items: test examples, facts, corpus windows; one item for the val loss); for the base model, one list
+    of items (see tinyllm/claims.py)."""
     zero_shot = t["few_shot"][0]["tokens_per_query"]          # the plain prompt, as fine-tuned methods read it
     methods = {}
     for m, rs in t["runs"].items():
-        curves = [r["history"] for r in rs]
+        r0 = rs[0]
+        per_seed = lambda get: [get(r) for r in rs]
         methods[m] = {
-            "accuracy": mean(m, "accuracy_after"), "val_loss": mean(m, "final_val_loss"),
-            "val_start": curves[0]["val_loss"][0],
-            "val_steps": curves[0]["val_step"],
-            "val_losses": list(np.mean([c["val_loss"] for c in curves], axis=0)),
-            "seconds_per_step": t["step_times"][m]["median"], "trainable_params": rs[0]["trainable_params"],
-            "optimizer_state_bytes": rs[0]["optimizer_state_bytes"], "saved_bytes": rs[0]["saved_bytes"],
-            "full_copy_bytes": rs[0]["full_copy_bytes"], "corpus_loss": mean(m, "corpus_loss_after"),
-            "fact_recall": mean(m, "fact_recall_after"), "virtual_tokens": rs[0]["virtual_tokens"],
-            "tokens_per_query": zero_shot + rs[0]["virtual_tokens"],
-            "disable_restores_base": all(r["disable_restores_base"] for r in rs)}
-        if "format_rate" in t["summary"][m]:
-            methods[m]["format_rate"] = mean(m, "format_rate")
-            methods[m]["field_accuracy"] = mean(m, "field_accuracy")
-    run0 = t["runs"]["full"][0]
-    return {"kind": t["kind"], "n_test": t["n_test"], "n_train": t["n_train"], "steps": run0["steps"],
-            "batch_size": run0["batch_size"], "block_size": base.config.block_size,
-            "base_params": base.num_parameters(),
-            "base": {**t["base"], "tokens_per_query": zero_shot}, "few_shot": t["few_shot"], "methods": methods,
-            "variants": t.get("variants", {})}
+            "accuracy": per_seed(lambda r: r["correct_after"]), "val_loss": per_seed(lambda r: [r["final_val_loss"]]),
+            "format_ok": per_seed(lambda r: r["format_ok"]) if "format_ok" in r0 else None,
+            "corpus_loss": per_seed(lambda r: r["knowledge_after"]["window_losses"]),
+            "fact_recall": per_seed(lambda r: r["knowledge_after"]["recall_correct"]),
+            "val_steps": r0["history"]["val_step"], "val_curves": per_seed(lambda r: r["history"]["val_loss"]),
+            "seconds_per_step": t["step_times"][m]["median"],
+            "step_ratio": {"log_mean": t["step_times"][m]["log_ratio_mean"],
+                           "log_se": t["step_times"][m]["log_ratio_se"], "n": t["step_times"][m]["n"]},
+            "trainable_params": r0["trainable_params"], "formula": r0["formula"],
+            "optimizer_state_bytes": r0["optimizer_state_bytes"], "saved_bytes": r0["saved_bytes"],
+            "full_copy_bytes": r0["full_copy_bytes"], "virtual_tokens": r0["virtual_tokens"],
+            "tokens_per_query": zero_shot + r0["virtual_tokens"],
+            "disabled_max_diff": max(r["disabled_max_diff"] for r in rs)}
+    b = t["base"]
+    base_items = {"accuracy": b["correct"], "format_ok": b.get("format_ok"), "corpus_loss": b["window_losses"],
+                  "fact_recall": b["recall_correct"], "tokens_per_query": zero_shot}
+    return {"kind": t["kind"], "n_test": t["n_test"], "n_train": t["n_train"], "batch_size": t["runs"]["full"][0]["batch_size"],
+            "steps": {m: rs[0]["steps"] for m, rs in t["runs"].items()}, "block_size": base.config.block_size,
+            "base_params": base.num_parameters(), "base": base_items, "few_shot": t["few_shot"], "methods": methods,
+            "sequential": t["sequential"], "variants": {g: v["settings"] for g, v in variants.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------
 # the command
 
-def compare(task="record", steps=None, seeds=1, out=DEFAULT_OUT, checkpoint=None, quick=False, echo=default_out,
-            lrs=None, settings=None, variants=True, command="python -m tinyllm compare"):
-    """Fine-tune every method on task ("record", "qa", "classify" or "all") from one pretrained checkpoint,
-    measure, judge the claims, and write results.json, report.md and the plots into out.
 
-    checkpoint: the pretrained model; made with tinyllm.train.pretrain when the file does not exist. Default
-      runs/pretrain/ckpt.npz, or with quick <out>/pretrain/ckpt.npz (a tiny pretraining, never the shared one).
-    steps: overrides settings.steps; settings: a Settings (DEFAULT_SETTINGS, or QUICK_SETTINGS with quick).
+def compare(task=DEFAULT_TASK, seeds=None, seed=0, steps=None, out=DEFAULT_OUT, checkpoint=None, quick=False,
+            echo=default_out, settings=None, command="python -m tinyllm compare"):
+    """Fine-tune every method on task (one of tasks.TASKS, or "all") from one pretrained checkpoint, measure,
+    judge the claims, and write results.json, report.md and the plots into out.
+
+    seeds: runs per method (default 3); seed: the first seed; steps: the same budget for every method
+    instead of the sweep's (the report then says so); quick: a smoke test (a tiny pretraining, a few steps,
+    no verdicts). checkpoint: the pretrained model, made with tinyllm.train.pretrain when the file does not
+    exist: default runs/pretrain/ckpt.npz, or with quick <out>/pretrain/ckpt.npz (never the shared one).
     Returns: the results dict (also in results.json).
     """
     start, cpu_start = time.perf_counter(), time.process_time()
     settings = dataclasses.replace(settings or (QUICK_SETTINGS if quick else DEFAULT_SETTINGS))
-    if steps is not None:
-        settings.steps = steps
-        settings.variant_steps = min(settings.variant_steps, steps)
-    if settings.steps < 1 or seeds < 1:
-        raise ValueError(f"steps and seeds must be at least 1, got steps={settings.steps}, seeds={seeds}")
+    for name, value in (("seeds", seeds), ("steps", steps)):
+        if value is not None:
+            setattr(settings, name, value)
+    settings.first_seed = seed
+    if settings.seeds < 1 or (settings.steps is not None and settings.steps < 1) or seed < 0:
+        raise ValueError(f"seeds and steps must be at least 1 and seed at least 0, got seeds={settings.seeds}, "
+                         f"steps={settings.steps}, seed={seed}")
     names = list(TASKS) if task == "all" else [task]
     if any(n not in TASKS for n in names):
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)} or all")
-    lrs = {**LRS, **(lrs or {})}
     checkpoint = checkpoint or (os.path.join(out, "pretrain", "ckpt.npz") if quick else DEFAULT_CHECKPOINT)
     os.makedirs(out, exist_ok=True)
+    if settings.smoke:
+        echo("SMOKE TEST (--quick): a tiny pretraining and a few steps prove that the code runs; its numbers "
+             "mean nothing, and no claim is judged")
 
     made_now = not os.path.exists(checkpoint)
     if made_now:
@@ -347,35 +340,31 @@ def compare(task="record", steps=None, seeds=1, out=DEFAULT_OUT, checkpoint=None
     if settings.n_recall:
         probe["recall"] = probe["recall"][:settings.n_recall]
 
-    tasks = {}
-    for i, name in enumerate(names):
-        tasks[name] = run_task(name, world, base, tokenizer, probe, settings, seeds, lrs, out, echo,
-                               with_variants=variants and i == 0)
-    facts = {name: task_facts(t, base) for name, t in tasks.items()}
+    tasks = {name: run_task(name, world, base, tokenizer, probe, settings, out, echo) for name in names}
+    variants = {} if settings.smoke else sweep_variants(names[0])
+    facts = {name: task_facts(t, base, variants if i == 0 else {}) for i, (name, t) in enumerate(tasks.items())}
+    seeds_used = tasks[names[0]]["seeds"]
     results = {
-        "command": command, "settings": {**dataclasses.asdict(settings), "seeds": seeds, "task": task},
-        "learning_rates": lrs,
+        "command": command, "smoke_test": settings.smoke,
+        "settings": {**dataclasses.asdict(settings), "task": task, "seeds": seeds_used},
         "pretrain": {"checkpoint": checkpoint, "made_now": made_now, "seconds": pretrain_seconds},
         "model": {"config": base.config.to_dict(), "parameters": base.num_parameters()},
-        "tasks": tasks, "claims": judge_claims(facts),
+        "tasks": tasks, "variants": variants, "claims": judge_claims(facts, smoke=settings.smoke),
     }
     figures = plot_all(results, out)
     total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    results["timing"] = {"total_seconds": total, "cpu_seconds": cpu,
-                         "pretrain_seconds": pretrain_seconds,
-                         "compare_seconds": total - pretrain_seconds,
-                         "cpu_note": f"{os.cpu_count()} CPU cores"}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)
+    results["timing"] = {"total_seconds": total, "cpu_seconds": cpu, "pretrain_seconds": pretrain_seconds,
+                         "compare_seconds": total - pretrain_seconds, "cores": os.cpu_count()}
+    with atomic_open(os.path.join(out, "results.json")) as f:
+        f.write(json.dumps(results, indent=1, default=float).encode())
     write_report(results, os.path.join(out, "report.md"), figures)
 
     for name, t in tasks.items():
-        echo(f"\n{name}: after {settings.steps} steps of {settings.batch_size}"
-             + (f", {seeds} seeds (mean ± std)" if seeds > 1 else ""))
-        echo(text_table(*results_rows(t, seeds, lrs)))
+        echo(f"\n{name}: {len(seeds_used)} seed(s)" + (" (mean ± std)" if len(seeds_used) > 1 else ""))
+        echo(text_table(*results_rows(t)))
     echo("\nclaims (rules and numbers in report.md):")
     echo(text_table(["verdict", "claim"], [[c["verdict"], c["claim"]] for c in results["claims"]]))
     echo(f"\nwrote {out}/results.json, report.md and {len(figures)} plots in {duration(total)}"
-         + (f" (pretraining {duration(results['timing']['pretrain_seconds'])}, then "
-            f"{duration(results['timing']['compare_seconds'])} of fine-tuning and evaluation)" if made_now else ""))
+         + (f" (pretraining {duration(pretrain_seconds)}, then {duration(total - pretrain_seconds)} of fine-tuning "
+            f"and evaluation)" if made_now else ""))
     return results

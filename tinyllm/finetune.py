@@ -61,17 +61,28 @@ def knowledge_probe(data, tokenizer, block_size, n_windows=PROBE_WINDOWS, window
     return {"windows": (x, y), "recall": recall}
 
 
+def window_losses(model, x, y):
+    """The mean next-token loss of each row of x (B,T) against y (B,T): (B,) floats."""
+    logits, _ = model.forward(x)                                                 # (B,T,V)
+    z = logits - logits.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))                     # log-softmax
+    return -np.take_along_axis(logp, y[..., None], axis=-1)[..., 0].mean(axis=1, dtype=np.float64)
+
+
 def measure_knowledge(model, tokenizer, probe):
-    """{'corpus_loss': mean loss on the probe's corpus windows, 'fact_recall': accuracy on its facts}."""
-    x, y = probe["windows"]
-    _, loss = model.forward(x, y)
-    return {"corpus_loss": float(loss), "fact_recall": evaluate(model, tokenizer, probe["recall"])["accuracy"]}
+    """What the model knows from pretraining, two ways:
+    corpus_loss      mean loss on the probe's corpus windows; window_losses, each window's
+    fact_recall      accuracy of greedy cloze completions of every fact; recall_correct, each fact's"""
+    losses = window_losses(model, *probe["windows"])
+    recall = evaluate(model, tokenizer, probe["recall"])
+    return {"corpus_loss": float(losses.mean()), "window_losses": [float(x) for x in losses],
+            "fact_recall": recall["accuracy"], "recall_correct": recall["correct"]}
 
 
 def measure_base(model, tokenizer, task, probe=None):
     """The pretrained model before any fine-tuning: test accuracy, predictions and knowledge."""
     ev = evaluate(model, tokenizer, task, "test")
-    return {"accuracy": ev["accuracy"], "predictions": ev["predictions"],
+    return {"accuracy": ev["accuracy"], "predictions": ev["predictions"], "correct": ev["correct"],
             "knowledge": measure_knowledge(model, tokenizer, probe) if probe is not None else None}
 
 
@@ -127,9 +138,18 @@ def same_weights(a, b):
 # ----------------------------------------------------------------------------------------------------
 # the fine-tuning run
 
+def flattened_in_run(val_steps, val_losses, rel_tol=0.05, abs_tol=0.01):
+    """Whether a run's val loss had stopped falling: over its last fifth it fell by less than rel_tol of
+    itself (or less than abs_tol nats). Returns (flattened, the drop)."""
+    at = max(val_steps) * 0.8
+    i = max(j for j, s in enumerate(val_steps) if s <= at)
+    drop = val_losses[i] - val_losses[-1]
+    return bool(drop < max(rel_tol * val_losses[i], abs_tol)), float(drop)
+
+
 def finetune(base_model, tokenizer, method_config, task, steps=100, batch_size=16, lr=1e-3, seed=0,
              eval_interval=20, out=print, save_dir=None, probe=None, before=None, warmup_steps=None,
-             weight_decay=0.0, log_interval=20, evaluate_test=True, n_val=VAL_EXAMPLES):
+             weight_decay=0.0, log_interval=20, evaluate_test=True, n_val=VAL_EXAMPLES, return_model=False):
     """Fine-tune one method on one task from base_model (left untouched) and measure it.
 
     Inputs:
@@ -147,6 +167,7 @@ def finetune(base_model, tokenizer, method_config, task, steps=100, batch_size=1
       n_val          validation examples in the val loss (the first n_val of task.val)
       warmup_steps   default steps // 10; weight_decay: AdamW's (0: fine-tuning runs are short, and decay
                      would pull full fine-tuning's pretrained weights, and the prompts, towards zero)
+      return_model   also return the trained PeftModel: (result, model)
     Returns: dict, every number JSON-able:
       method, config, task, steps, batch_size, lr, seed
       trainable_params, total_params, formula           how many numbers train, and the arithmetic
@@ -155,17 +176,18 @@ def finetune(base_model, tokenizer, method_config, task, steps=100, batch_size=1
       seconds_per_step   median over the steps; train_seconds, their total
       optimizer_state_bytes   AdamW's m and v for the trainable parameters
       saved_bytes, full_copy_bytes   the files save_pretrained writes, and a full copy of the model
-      accuracy_before, accuracy_after, predictions_after   on task.test
+      accuracy_before, accuracy_after, predictions_after, correct_after   on task.test
       knowledge_before, knowledge_after   measure_knowledge with the method active (None without probe)
       base_unchanged           the base weights under the method are bit-identical to the pretrained ones
                                (always checked: the weights it does not train; raises AssertionError if not)
-      disable_restores_base    inside disable_adapter() the model computes exactly what the base does
+      disabled_max_diff        inside disable_adapter(), the largest |logit - the base's logit| (0: exact)
       virtual_tokens           context positions the method takes in front of every input
+      flattened, val_drop      the val loss fell by less than 5% over the run's last fifth (flattened_in_run)
     """
     block_size = base_model.config.block_size
     pretrained = {k: v.copy() for k, v in base_model.params.items()}
     if not evaluate_test:
-        probe, before = None, {"accuracy": None, "predictions": None, "knowledge": None}
+        probe, before = None, {"accuracy": None, "predictions": None, "correct": None, "knowledge": None}
     elif before is None:
         before = measure_base(base_model, tokenizer, task, probe)
 
@@ -211,7 +233,8 @@ def finetune(base_model, tokenizer, method_config, task, steps=100, batch_size=1
     at_step = lambda s: 0.0 if s == 0 else train_seconds[s - 1]
 
     pm.eval()
-    after = evaluate(pm, tokenizer, task, "test") if evaluate_test else {"accuracy": None, "predictions": None}
+    after = evaluate(pm, tokenizer, task, "test") if evaluate_test else {"accuracy": None, "predictions": None,
+                                                                        "correct": None}
     knowledge_after = measure_knowledge(pm, tokenizer, probe) if probe is not None else None
 
     # Every base weight the method does not train must be bit-identical to the pretrained one: for a PEFT
@@ -228,14 +251,16 @@ def finetune(base_model, tokenizer, method_config, task, steps=100, batch_size=1
     with pm.disable_adapter():
         disabled_logits, _ = pm.forward(x)
     base_logits, _ = base_model.forward(x)
-    disable_restores_base = bool(np.array_equal(disabled_logits, base_logits))
+    disabled_max_diff = float(np.max(np.abs(disabled_logits - base_logits)))
+    flattened, val_drop = flattened_in_run(history["val_step"], history["val_loss"]) if history["val_loss"] \
+        else (None, None)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_dir or tmp
         pm.save_pretrained(folder)
         saved = saved_bytes(folder)
 
-    return {
+    result = {
         "method": name, "config": method_config.to_dict(), "task": task.name,
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
         "trainable_params": int(n_trainable), "total_params": int(n_total), "formula": pm.formula(),
@@ -247,8 +272,10 @@ def finetune(base_model, tokenizer, method_config, task, steps=100, batch_size=1
         "optimizer_state_bytes": int(AdamW(trainable).state_bytes()),   # the optimizer train() built: m, v
         "saved_bytes": int(saved), "full_copy_bytes": int(full_copy_bytes(base_model)),
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
-        "predictions_after": after["predictions"],
+        "predictions_after": after["predictions"], "correct_after": after["correct"],
         "knowledge_before": before["knowledge"], "knowledge_after": knowledge_after,
-        "base_unchanged": bool(base_unchanged), "disable_restores_base": disable_restores_base,
+        "base_unchanged": bool(base_unchanged), "disabled_max_diff": disabled_max_diff,
         "virtual_tokens": int(reserved), "final_val_loss": history["val_loss"][-1] if history["val_loss"] else None,
+        "flattened": flattened, "val_drop": val_drop,
     }
+    return (result, pm) if return_model else result

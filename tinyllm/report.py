@@ -1,266 +1,310 @@
 """
-What `python -m tinyllm compare` writes: the plots (matplotlib's Agg backend: files only, no window),
-the terminal's table and report.md.
+What `python -m tinyllm compare` writes: the plots (matplotlib's Agg backend: files only, no window), one
+function per figure, each with its caption; the terminal's tables; and report.md, which starts with the
+answer (the claims, their verdicts and the number behind each), then how to read it, then the details.
+
+Units: bytes in KiB and MiB (1024-based, written as such); losses in nats per answer token; times in
+seconds or milliseconds from the one step timing of the run, the methods timed in turns.
 """
 import os
 import re
 
 import numpy as np
 
-from .claims import fmt_bytes
-from .plots import smooth
+from .claims import FACT, SMOKE, fmt_bytes, t975
+from .plots import log_loss_axis
+from .presets import PRESETS
 
 
-COLORS = {"full": "#d62728", "lora": "#1f77b4", "prefix": "#2ca02c", "prompt": "#9467bd", "adapter": "#ff7f0e"}
-LABELS = {"full": "full", "lora": "LoRA", "prefix": "prefix", "prompt": "prompt", "adapter": "adapter"}
+def label(m):
+    return PRESETS[m].label
 
 
-def whiskers(summary, methods, key):
-    """Bar heights (means) and [below, above] whisker lengths (to the min and max over seeds)."""
+def color(m):
+    return PRESETS[m].color
+
+
+def spread(summary, methods, key):
+    """Bar heights (means) and [below, above] whiskers to the min and max over seeds."""
     mean = np.array([summary[m][key]["mean"] for m in methods])
     lo = np.array([summary[m][key]["min"] for m in methods])
     hi = np.array([summary[m][key]["max"] for m in methods])
     return mean, np.vstack([mean - lo, hi - mean])
 
 
-def plot_all(results, folder):
-    """Write every figure of the comparison into folder; returns their file names."""
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-    from matplotlib.ticker import FuncFormatter
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    some = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "235" else "")     # minor ticks: 2, 3, 5 only
-    tasks = results["tasks"]
-    names = list(tasks)
-    seeds = results["settings"]["seeds"]
-    spread_note = f" (lines: mean of {seeds} seeds, bands/whiskers: min to max)" if seeds > 1 else ""
-    files = []
+    return plt
 
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(os.path.join(folder, name), dpi=110)
-        plt.close(fig)
-        files.append(name)
 
-    # loss curves: against steps and against training seconds, all methods on one figure per task
-    for t in names:
-        fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-        for m, rs in tasks[t]["runs"].items():
-            hs = [r["history"] for r in rs]
-            steps = np.array(hs[0]["step"])
-            seconds = np.mean([h["train_seconds"] for h in hs], axis=0)
-            train = np.array([smooth(h["train_loss"], 10) for h in hs])
-            vstep = np.array(hs[0]["val_step"])
-            vsec = np.mean([h["val_seconds"] for h in hs], axis=0)
-            val = np.array([h["val_loss"] for h in hs])
-            for ax, x, vx in ((axes[0], steps, vstep), (axes[1], seconds, vsec)):
-                ax.plot(x, train.mean(0), color=COLORS[m], lw=1, alpha=0.45)
-                ax.plot(vx, val.mean(0), color=COLORS[m], lw=2, marker="o", ms=3, label=LABELS[m])
-                if len(hs) > 1:
-                    ax.fill_between(vx, val.min(0), val.max(0), color=COLORS[m], alpha=0.15)
-        for ax, xlabel in ((axes[0], "optimizer step"), (axes[1], "training time (seconds, evaluations excluded)")):
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(plain)              # 0.5, 1, 2 rather than 5x10^-1
-            ax.yaxis.set_minor_formatter(some)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("loss on answer tokens (nats, log scale)")
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(title="val (thick), train (thin, smoothed)", fontsize=8, title_fontsize=8)
-        axes[0].set_title(f"{t}: loss against steps")
-        axes[1].set_title(f"{t}: loss against wall-clock seconds")
-        fig.suptitle(f"Fine-tuning on the {t} task, {results['settings']['steps']} steps each{spread_note}",
-                     fontsize=10)
-        save(fig, f"loss_{t}.png")
+def save(fig, folder, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, name), dpi=110)
+    pyplot().close(fig)
+    return name
 
-    first = tasks[names[0]]
+# ----------------------------------------------------------------------------------------------------
+# the figures: each returns (file name, caption)
+
+
+def plot_loss(t, folder):
+    """Validation loss against steps and against training seconds, every method, mean of its seeds."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for m, rs in t["runs"].items():
+        steps = np.array(rs[0]["history"]["val_step"])
+        val = np.array([r["history"]["val_loss"] for r in rs])
+        seconds = steps * t["step_times"][m]["median"]
+        for ax, x in ((axes[0], steps), (axes[1], seconds)):
+            ax.plot(x, val.mean(0), color=color(m), lw=2, marker="o", ms=3, label=label(m))
+            if len(rs) > 1:
+                ax.fill_between(x, val.min(0), val.max(0), color=color(m), alpha=0.15)
+    for ax, xlabel in ((axes[0], "optimizer step"), (axes[1], "training seconds (steps x the step time timed in turns)")):
+        log_loss_axis(ax)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("val loss per answer token (nats)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    axes[0].set_title(f"{t['task']}: validation loss against steps")
+    axes[1].set_title(f"{t['task']}: validation loss against seconds")
+    name = save(fig, folder, f"loss_{t['task']}.png")
+    return name, (f"Validation loss of each method on {t['task']} while it trains, at its own tuned learning "
+                  f"rate and budget; line: mean over {len(t['seeds'])} seeds, band: min to max. Right: the same "
+                  "against training time, each step counted at the step time measured in turns.")
+
+
+def plot_params(results, folder):
+    plt = pyplot()
+    first = next(iter(results["tasks"].values()))
     methods = list(first["runs"])
-    x = np.arange(len(methods))
-    colors = [COLORS[m] for m in methods]
-    ticks = [LABELS[m] for m in methods]
-
-    # trainable parameters, log scale
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     counts = [first["runs"][m][0]["trainable_params"] for m in methods]
-    ax.bar(x, counts, color=colors)
-    ax.axhline(results["model"]["parameters"], color="k", ls="--", lw=1,
-               label=f"whole model ({results['model']['parameters']:,})")
+    total = results["model"]["parameters"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = np.arange(len(methods))
+    ax.bar(x, counts, color=[color(m) for m in methods])
+    ax.axhline(total, color="k", ls="--", lw=1, label=f"whole model ({total:,})")
     for xi, c in zip(x, counts):
         ax.text(xi, c * 1.15, f"{c:,}", ha="center", fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylim(top=results["model"]["parameters"] * 4)
-    ax.set_xticks(x, ticks)
+    ax.set_ylim(top=total * 4)
+    ax.set_xticks(x, [label(m) for m in methods])
     ax.set_ylabel("trainable parameters (log scale)")
     ax.set_title("Parameters each method trains")
     ax.legend(fontsize=8, loc="lower left")
-    save(fig, "params.png")
+    return save(fig, folder, "params.png"), "Trainable parameters of each method, against the whole model (log scale)."
 
-    # task accuracy, per task: after fine-tuning, the base model, the best few-shot prompt
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.5), squeeze=False)
-    for ax, t in zip(axes[0], names):
-        s = tasks[t]["summary"]
-        width = 0.4 if "format_rate" in s[methods[0]] else 0.7
-        mean, err = whiskers(s, methods, "accuracy_after")
-        left = x - (width / 2 if width < 0.7 else 0)
-        ax.bar(left, mean, width, yerr=err if seeds > 1 else None, capsize=3, color=colors)
+
+def plot_accuracy(results, folder):
+    plt = pyplot()
+    tasks = results["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.8 * len(tasks), 4.5), squeeze=False)
+    for ax, (name, t) in zip(axes[0], tasks.items()):
+        methods = list(t["runs"])
+        s, x = t["summary"], np.arange(len(methods))
+        has_format = "format_rate" in s[methods[0]]
+        width = 0.4 if has_format else 0.7
+        left = x - (width / 2 if has_format else 0)
+        mean, err = spread(s, methods, "accuracy_after")
+        ax.bar(left, mean, width, yerr=err, capsize=3, color=[color(m) for m in methods], label="test accuracy")
         for xi, v in zip(left, mean):
             ax.text(xi, v + 0.01, f"{v:.2f}", ha="center", fontsize=7)
-        handles = [Patch(color="gray", label="exact match (test)")]
-        if "format_rate" in s[methods[0]]:
-            mean, err = whiskers(s, methods, "format_rate")
-            ax.bar(x + width / 2, mean, width, yerr=err if seeds > 1 else None, capsize=3, color=colors, alpha=0.4,
-                   hatch="//")
-            for xi, v in zip(x + width / 2, mean):
-                ax.text(xi, v + 0.01, f"{v:.2f}", ha="center", fontsize=7)
-            handles.append(Patch(facecolor="gray", alpha=0.4, hatch="//", label="answer in record format"))
-        handles.append(ax.axhline(tasks[t]["base"]["accuracy"], color="k", ls="--", lw=1,
-                                  label="base model, no fine-tuning"))
-        shots = [r for r in tasks[t]["few_shot"] if r["fits"] and r["k"] > 0]
+        if has_format:
+            mean, err = spread(s, methods, "format_rate")
+            ax.bar(x + width / 2, mean, width, yerr=err, capsize=3, color=[color(m) for m in methods], alpha=0.35,
+                   hatch="//", label="answers in the task's format")
+        ax.axhline(t["base"]["accuracy"], color="k", ls="--", lw=1, label="base model, no fine-tuning")
+        shots = [r for r in t["few_shot"] if r["fits"] and r["k"] > 0]
         if shots:
             best = max(shots, key=lambda r: r["accuracy"])
-            handles.append(ax.axhline(best["accuracy"], color="gray", ls=":", lw=1.5,
-                                      label=f"base model, best few-shot (k={best['k']})"))
-        if tasks[t]["kind"] == "classify":
-            handles.append(ax.axhline(0.5, color="gray", ls="-.", lw=1, label="chance"))
-        ax.set_xticks(x, ticks)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("accuracy (fraction of test examples)")
-        ax.set_title(f"{t}: test accuracy after fine-tuning (n={tasks[t]['n_test']})")
-        ax.legend(handles=handles, fontsize=7, loc="upper right")
-    save(fig, "accuracy.png")
+            ax.axhline(best["accuracy"], color="gray", ls=":", lw=1.5, label=f"base model, best few-shot (k={best['k']})")
+        if t["kind"] == "classify":
+            ax.axhline(0.5, color="gray", ls="-.", lw=1, label="chance")
+        ax.set_xticks(x, [label(m) for m in methods])
+        ax.set_ylim(0, 1.1)
+        ax.set_ylabel("fraction of test examples")
+        ax.set_title(f"{name}: test accuracy (n={t['n_test']})")
+        ax.legend(fontsize=7, loc="upper right")
+    return save(fig, folder, "accuracy.png"), (
+        "Test accuracy after fine-tuning (bars: mean over seeds, whiskers: min to max) and, hatched, the share of "
+        "answers in the task's format whether right or wrong; the lines are the base model alone and prompted "
+        "with its best number of solved examples.")
 
-    # forgetting: corpus loss and fact recall, before and after, with the method active
+
+def plot_forgetting(results, folder):
+    plt = pyplot()
+    tasks = results["tasks"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.8 / len(names)
-    for j, t in enumerate(names):
-        s, base = tasks[t]["summary"], tasks[t]["base"]
-        offset = (j - (len(names) - 1) / 2) * width
-        for ax, key, before in ((axes[0], "corpus_loss_after", base["corpus_loss"]),
-                                (axes[1], "fact_recall_after", base["fact_recall"])):
-            mean, err = whiskers(s, methods, key)
-            ax.bar(x + offset, mean, width, yerr=err if seeds > 1 else None, capsize=3, color=colors,
-                   alpha=1.0 - 0.3 * j, edgecolor="k", lw=0.5)
-            for xi, v in zip(x + offset, mean):
-                ax.text(xi, v, f"{v:.2f}" + (f"\n{t[0]}" if len(names) > 1 else ""), ha="center", va="bottom",
-                        fontsize=7)
-    base = tasks[names[0]]["base"]
-    axes[0].axhline(base["corpus_loss"], color="k", ls="--", lw=1,
-                    label=f"before (pretrained): {base['corpus_loss']:.3f}")
-    axes[1].axhline(base["fact_recall"], color="k", ls="--", lw=1,
-                    label=f"before (pretrained): {base['fact_recall']:.2f}")
-    top = max(max(tasks[t]["summary"][m]["corpus_loss_after"]["max"] for m in methods) for t in names)
-    axes[0].set_ylim(0, 1.35 * max(top, base["corpus_loss"]))
-    axes[0].set_ylabel("loss (nats per character)")
-    axes[0].set_title("Pretraining corpus: validation loss after fine-tuning\n(higher = forgot more)")
-    axes[1].set_ylabel("fraction of facts recalled")
-    axes[1].set_ylim(0, 1.25)
-    axes[1].set_title("Fact recall (cloze, greedy) after fine-tuning\n(lower = forgot more)")
+    width = 0.8 / len(tasks)
+    for j, (name, t) in enumerate(tasks.items()):
+        methods = list(t["runs"])
+        x = np.arange(len(methods)) + (j - (len(tasks) - 1) / 2) * width
+        for ax, key, base in ((axes[0], "corpus_loss_after", t["base"]["corpus_loss"]),
+                              (axes[1], "fact_recall_after", t["base"]["fact_recall"])):
+            mean, err = spread(t["summary"], methods, key)
+            ax.bar(x, mean, width, yerr=err, capsize=3, color=[color(m) for m in methods], alpha=1 - 0.3 * j,
+                   edgecolor="k", lw=0.5)
+            for xi, v in zip(x, mean):
+                ax.text(xi, v, f"{v:.2f}" + (f"\n{name}" if len(tasks) > 1 else ""), ha="center", va="bottom", fontsize=7)
+            ax.axhline(base, color="k", ls="--", lw=1)
+    first = next(iter(tasks.values()))
+    methods = list(first["runs"])
+    axes[0].set_ylabel("loss on held-out pretraining text (nats per character)")
+    axes[0].set_title(f"General language: corpus loss (base {first['base']['corpus_loss']:.3f}, dashed)\nhigher = forgot more")
+    axes[1].set_ylabel("fraction of the world's facts recalled")
+    axes[1].set_ylim(0, 1.1)
+    axes[1].set_title(f"Pretrained facts: cloze recall (base {first['base']['fact_recall']:.2f}, dashed)\nlower = forgot more")
     for ax in axes:
-        ax.set_xticks(x, ticks)
-        ax.legend(fontsize=8, loc="upper left", title="PEFT measured with the adapter on" +
-                  (f"; letters: task ({', '.join(names)})" if len(names) > 1 else ""), title_fontsize=7)
-    save(fig, "forgetting.png")
+        ax.set_xticks(np.arange(len(methods)), [label(m) for m in methods])
+    return save(fig, folder, "forgetting.png"), (
+        "What the model still knows from pretraining with each method switched on (bars: mean over seeds, whiskers: "
+        "min to max; dashed: the base model). Switched off, every PEFT method is the base model exactly.")
 
-    # seconds per step: timed in turns (bars, quartile whiskers), and as measured during each run (dots)
+
+def plot_step_time(results, folder):
+    plt = pyplot()
+    tasks = results["tasks"]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for j, t in enumerate(names):
-        timing = tasks[t]["step_times"]
+    width = 0.8 / len(tasks)
+    for j, (name, t) in enumerate(tasks.items()):
+        methods = list(t["runs"])
+        timing = t["step_times"]
         median = np.array([timing[m]["median"] for m in methods]) * 1e3
-        quartiles = np.array([[timing[m]["median"] - timing[m]["q1"], timing[m]["q3"] - timing[m]["median"]]
-                              for m in methods]).T * 1e3
-        offset = (j - (len(names) - 1) / 2) * width
-        ax.bar(x + offset, median, width, yerr=quartiles, capsize=3, color=colors, alpha=1.0 - 0.3 * j,
+        whiskers = np.array([[timing[m]["median"] - timing[m]["q1"], timing[m]["q3"] - timing[m]["median"]]
+                             for m in methods]).T * 1e3
+        x = np.arange(len(methods)) + (j - (len(tasks) - 1) / 2) * width
+        ax.bar(x, median, width, yerr=whiskers, capsize=3, color=[color(m) for m in methods], alpha=1 - 0.3 * j,
                edgecolor="k", lw=0.5)
-        for xi, v, up in zip(x + offset, median, quartiles[1]):
-            ax.text(xi, v + up, f"{v:.0f}" + (f"\n{t[0]}" if len(names) > 1 else ""), ha="center", va="bottom",
-                    fontsize=7)
-        in_run = [[r["seconds_per_step"] * 1e3 for r in tasks[t]["runs"][m]] for m in methods]
-        for xi, values in zip(x + offset, in_run):
-            ax.plot([xi] * len(values), values, "k.", ms=6)
-    ax.set_xticks(x, ticks)
-    ax.set_ylabel("milliseconds per optimizer step")
-    ax.set_title(f"Time per step (batch {results['settings']['batch_size']}; forward, backward, AdamW)"
-                 + (f"\nletters: task ({', '.join(names)})" if len(names) > 1 else ""), fontsize=10)
-    ax.legend(handles=[Patch(color="gray", label="median, methods timed in turns (whiskers: quartiles)"),
-                       ax.plot([], [], "k.", ms=6, label="median during the training run (one after another)")[0]],
-              fontsize=8, loc="upper right")
-    ax.set_ylim(top=ax.get_ylim()[1] * 1.25)
-    save(fig, "step_time.png")
+        for xi, v, up, m in zip(x, median, whiskers[1], methods):
+            ratio = np.exp(timing[m]["log_ratio_mean"])
+            ax.text(xi, v + up, f"{v:.0f}\n{ratio:.2f}x" + (f"\n{name}" if len(tasks) > 1 else ""), ha="center",
+                    va="bottom", fontsize=7)
+    methods = list(next(iter(tasks.values()))["runs"])
+    ax.set_xticks(np.arange(len(methods)), [label(m) for m in methods])
+    ax.set_ylabel("milliseconds per training step")
+    ax.set_title(f"Time per step (batch {results['settings']['batch_size']}: forward, backward, clipping, AdamW)", fontsize=10)
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.3)
+    return save(fig, folder, "step_time.png"), (
+        "Milliseconds per training step, the methods timed in turns on the same batches (bars: median, whiskers: "
+        "quartiles; the number under each: the step time as a multiple of full fine-tuning's in the same round). "
+        "This one timing is used by every plot and verdict.")
 
-    # memory: optimizer state and saved file, next to a full copy of the model
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+
+def plot_memory(results, folder):
+    plt = pyplot()
+    first = next(iter(results["tasks"].values()))
+    methods = list(first["runs"])
     opt = [first["runs"][m][0]["optimizer_state_bytes"] for m in methods]
     saved = [first["runs"][m][0]["saved_bytes"] for m in methods]
     copy = first["runs"][methods[0]][0]["full_copy_bytes"]
-    ax.bar(x - 0.2, opt, 0.4, color=colors)
-    ax.bar(x + 0.2, saved, 0.4, color=colors, alpha=0.45, hatch="//")
-    for xi, o, s_ in zip(x, opt, saved):
+    x = np.arange(len(methods))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.bar(x - 0.2, opt, 0.4, color=[color(m) for m in methods], label="AdamW state (m and v) while training")
+    ax.bar(x + 0.2, saved, 0.4, color=[color(m) for m in methods], alpha=0.45, hatch="//",
+           label="saved file (save_pretrained)")
+    for xi, o, s in zip(x, opt, saved):
         ax.text(xi - 0.2, o * 1.15, fmt_bytes(o), ha="center", fontsize=7)
-        ax.text(xi + 0.2, s_ * 1.15, fmt_bytes(s_), ha="center", fontsize=7)
-    line = ax.axhline(copy, color="k", ls="--", lw=1, label=f"a full copy of the model ({fmt_bytes(copy)})")
+        ax.text(xi + 0.2, s * 1.15, fmt_bytes(s), ha="center", fontsize=7)
+    ax.axhline(copy, color="k", ls="--", lw=1, label=f"a full copy of the model ({fmt_bytes(copy)})")
     ax.set_yscale("log")
     ax.set_ylim(top=max(max(opt), copy) * 5)
-    ax.set_xticks(x, ticks)
+    ax.set_xticks(x, [label(m) for m in methods])
     ax.set_ylabel("bytes (log scale)")
     ax.set_title("Memory for training, and storage per task")
-    ax.legend(handles=[Patch(color="gray", label="AdamW state (m and v) while training"),
-                       Patch(facecolor="gray", alpha=0.45, hatch="//", label="saved file (save_pretrained)"), line],
-              fontsize=8, loc="upper right")
-    save(fig, "memory.png")
-
-    # the variants: does the setting matter?
-    variants = next((tasks[t]["variants"] for t in names if tasks[t].get("variants")), None)
-    if variants:
-        fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 4), squeeze=False)
-        for ax, (group, rows) in zip(axes[0], variants.items()):
-            labels = list(rows)
-            vals = [rows[k]["val_loss"] for k in labels]
-            ax.bar(range(len(labels)), vals, color=COLORS[next(iter(rows.values()))["method"]],
-                   alpha=0.85, edgecolor="k", lw=0.5)
-            for i, v in enumerate(vals):
-                ax.text(i, v, f"{v:.3f}\n{rows[labels[i]]['trainable_params']:,} p", ha="center", va="bottom",
-                        fontsize=7)
-            ax.set_xticks(range(len(labels)), [k + ("*" if rows[k]["main"] else "") for k in labels])
-            ax.set_ylim(0, max(vals) * 1.3)
-            ax.set_ylabel("final val loss (nats)")
-            ax.set_title(group.replace("_", " "), fontsize=10)
-        fig.suptitle(f"Settings of LoRA and prefix tuning ({results['settings']['variant_steps']} steps each, task "
-                     f"{next(t for t in names if tasks[t].get('variants'))}; p = trainable parameters; * = the setting "
-                     f"of the main comparison)", fontsize=10)
-        save(fig, "variants.png")
-    return files
+    ax.legend(fontsize=8, loc="upper right")
+    return save(fig, folder, "memory.png"), ("AdamW's state while training (two numbers per trained parameter) and the "
+                                             "file each method saves per task, against a full copy of the model.")
 
 
+def plot_variants(results, folder):
+    plt = pyplot()
+    variants = results["variants"]
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 4), squeeze=False)
+    for ax, (group, v) in zip(axes[0], variants.items()):
+        labels = list(v["settings"])
+        vals = [v["settings"][k]["val_losses"] for k in labels]
+        mean = np.array([np.mean(x) for x in vals])
+        err = np.vstack([mean - [min(x) for x in vals], [max(x) for x in vals] - mean])
+        ax.bar(range(len(labels)), mean, yerr=err, capsize=3, color=color(v["method"]), alpha=0.85,
+               edgecolor="k", lw=0.5)
+        for i, k in enumerate(labels):
+            ax.text(i, mean[i], f"{mean[i]:.3f}\n{v['settings'][k]['trainable_params']:,} p\nlr {v['settings'][k]['lr']:g}",
+                    ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(labels)), [k + ("*" if v["settings"][k]["main"] else "") for k in labels])
+        ax.set_ylim(0, mean.max() * 1.45)
+        ax.set_ylabel("final val loss (nats)")
+        ax.set_title(f"{group.replace('_', ' ')} ({v['steps']} steps)", fontsize=10)
+    return save(fig, folder, "variants.png"), (
+        "Settings of LoRA and prefix tuning, from the stored sweep (python -m tinyllm sweep): each at its own tuned "
+        "lr, its method's budget, three seeds (bars: mean, whiskers: min to max; p = trainable parameters; "
+        "* = the setting of the main comparison).")
+
+
+def plot_sequential(t, folder):
+    plt = pyplot()
+    s = t["sequential"]
+    a, b = t["task"], s["task_b"]
+    groups = [(f"full on {a}", s["full"]["a"], color("full"), 1.0),
+              (f"full on {a}\nthen {b}", s["full"]["a_after_b"], color("full"), 0.45),
+              (f"LoRA adapter {a}\n(adapter {b} beside it)", s["adapter"]["a"], color("lora"), 1.0)]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (name, per_example, c, alpha) in enumerate(groups):
+        vals = [np.mean(x) for x in per_example]                     # accuracy per seed
+        mean = np.mean(vals)
+        ax.bar(i, mean, 0.6, yerr=[[mean - min(vals)], [max(vals) - mean]], capsize=3, color=c, alpha=alpha)
+        ax.text(i, mean + 0.02, f"{mean:.2f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel(f"test accuracy on {a}")
+    ax.set_title(f"Task after task: does {a} survive training on {b}?")
+    return save(fig, folder, "sequential.png"), (
+        f"Accuracy on {a} after fine-tuning on it, after full fine-tuning then continues on {b}, and with one LoRA "
+        f"adapter per task on one base (switched to the {a} adapter); mean over seeds, whiskers min to max. On {b}: "
+        f"full {np.mean(s['full']['b']):.2f}, its LoRA adapter {np.mean(s['adapter']['b']):.2f}.")
+
+
+def plot_all(results, folder):
+    """Write every figure of the comparison into folder; returns [(file name, caption)]."""
+    figures = [plot_loss(t, folder) for t in results["tasks"].values()]
+    figures += [plot_accuracy(results, folder), plot_forgetting(results, folder), plot_step_time(results, folder),
+                plot_params(results, folder), plot_memory(results, folder)]
+    figures += [plot_sequential(t, folder) for t in results["tasks"].values() if t.get("sequential")]
+    if results.get("variants"):
+        figures.append(plot_variants(results, folder))
+    return figures
 
 # ----------------------------------------------------------------------------------------------------
 # tables: the terminal's and the report's
 
-def pm_text(s, fmt, seeds=1):
+
+def pm_text(s, fmt):
     """'mean' or 'mean ± std' (over seeds) of one summarised metric."""
     text = format(s["mean"], fmt)
-    return text + " ± " + format(s["std"], fmt) if seeds > 1 else text
+    return text + " ± " + format(s["std"], fmt) if len(s["values"]) > 1 else text
 
 
-def results_rows(t, seeds, lrs):
+def results_rows(t):
     """Header and rows of one task's results table."""
-    header = ["method", "trainable", "lr", "test acc", "val loss", "ms/step", "optimizer", "saved",
-              "corpus loss", "fact recall"]
-    record = "format_rate" in next(iter(t["summary"].values()))
-    if record:
-        header.insert(4, "format ok")
+    header = ["method", "trainable", "lr", "steps", "test acc", "val loss", "flattened", "ms/step", "AdamW state",
+              "saved", "corpus loss", "fact recall"]
+    has_format = "format_rate" in t["base"]
+    if has_format:
+        header.insert(5, "format")
     base = t["base"]
-    rows = [["base (before)", "0", "-", f"{base['accuracy']:.3f}"] + ([f"{base['format_rate']:.3f}"] if record else [])
-            + ["-", "-", "-", "-", f"{base['corpus_loss']:.3f}", f"{base['fact_recall']:.3f}"]]
+    rows = [["base (before)", "0", "-", "-", f"{base['accuracy']:.3f}"] +
+            ([f"{base['format_rate']:.3f}"] if has_format else []) +
+            ["-", "-", "-", "-", "-", f"{base['corpus_loss']:.3f}", f"{base['fact_recall']:.3f}"]]
     for m, s in t["summary"].items():
-        r = t["runs"][m][0]
-        row = [LABELS[m], f"{r['trainable_params']:,}", f"{lrs[m]:g}", pm_text(s["accuracy_after"], ".3f", seeds=seeds)]
-        if record:
-            row.append(pm_text(s["format_rate"], ".3f", seeds=seeds))
-        row += [pm_text(s["final_val_loss"], ".3f", seeds=seeds), f"{1e3 * t['step_times'][m]['median']:.0f}",
-                fmt_bytes(r["optimizer_state_bytes"]), fmt_bytes(r["saved_bytes"]),
-                pm_text(s["corpus_loss_after"], ".3f", seeds=seeds),
-                pm_text(s["fact_recall_after"], ".3f", seeds=seeds)]
+        rs = t["runs"][m]
+        row = [label(m), f"{rs[0]['trainable_params']:,}", f"{rs[0]['lr']:g}", str(rs[0]["steps"]),
+               pm_text(s["accuracy_after"], ".3f")]
+        if has_format:
+            row.append(pm_text(s["format_rate"], ".3f"))
+        row += [pm_text(s["final_val_loss"], ".3f"), f"{sum(bool(r['flattened']) for r in rs)}/{len(rs)}",
+                f"{1e3 * t['step_times'][m]['median']:.0f}", fmt_bytes(rs[0]["optimizer_state_bytes"]),
+                fmt_bytes(rs[0]["saved_bytes"]), pm_text(s["corpus_loss_after"], ".3f"),
+                pm_text(s["fact_recall_after"], ".3f")]
         rows.append(row)
     return header, rows
 
@@ -268,10 +312,9 @@ def results_rows(t, seeds, lrs):
 def text_table(header, rows):
     """A plain-text table: numbers right-aligned, words left-aligned."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    number = re.compile(r"[-+]?[\d.,]+( ± [\d.,]+)?( [KMG]?B)?|-")
-    column_of_numbers = [all(number.fullmatch(str(r[i])) for r in rows) for i in range(len(header))]
-    line = lambda cells: "  ".join(str(c).rjust(w) if num else str(c).ljust(w)
-                                   for c, w, num in zip(cells, widths, column_of_numbers))
+    number = re.compile(r"[-+]?[\d.,]+( ± [\d.,]+)?( [KMG]?i?B)?|-|\d+/\d+")
+    numeric = [all(number.fullmatch(str(r[i])) for r in rows) for i in range(len(header))]
+    line = lambda cells: "  ".join(str(c).rjust(w) if num else str(c).ljust(w) for c, w, num in zip(cells, widths, numeric))
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -280,87 +323,97 @@ def md_table(header, rows):
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
                      ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows])
 
+# ----------------------------------------------------------------------------------------------------
+# report.md
 
-def load_note(timing):
-    """Why wall time and CPU time differ, read off the two."""
-    wall, cpu = timing["total_seconds"], timing["cpu_seconds"]
-    if wall > 1.2 * cpu:
-        return " (less CPU than wall time: other programs were using the cores too, so timings are slower than alone)"
-    if cpu > 1.2 * wall:
-        return " (more CPU than wall time: the matrix products used several cores)"
-    return ""
+
+def summary_section(results, captions):
+    rows = []
+    for i, c in enumerate(results["claims"], 1):
+        where = ", ".join(x for x in (f"[{c['figure']}]({c['figure']})" if c["figure"] in captions else "",
+                                      f"lesson {c['lesson']}" if c["lesson"] else "") if x)
+        rows.append([i, c["claim"], f"**{c['verdict']}**", c["measured"], where])
+    return ["## The claims, measured", "", md_table(["#", "claim", "verdict", "the numbers behind it", "see"], rows), ""]
+
+
+def how_to_read(results):
+    s, p, mc = results["settings"], results["pretrain"], results["model"]["config"]
+    first = next(iter(results["tasks"].values()))
+    k = len(s["seeds"])
+    lines = ["## How to read this", "",
+             f"- **Scale.** One {results['model']['parameters']:,}-parameter GPT ({mc['n_layer']} layers, {mc['n_embd']} "
+             f"wide, a {mc['vocab_size']}-character vocabulary, context {mc['block_size']}), pretrained on a synthetic "
+             f"world. A verdict is about this model and these tasks; claims about scale (a prefix is a tiny share of "
+             f"the model) can come out differently at 124M parameters, and the facts say by how much.",
+             "- **Budget.** Each method trains at its own learning rate for its own number of steps, both chosen by "
+             "`python -m tinyllm sweep` on validation data: the budget is where doubling it stopped lowering the "
+             "validation loss by 5% or more. " + "; ".join(
+                 f"{label(m)} lr {x['lr']:g}, {x['steps']} steps" + (" (not tuned: no sweep)" if x["source"] == "fallback" else "")
+                 for m, x in first["tuning"].items()) + f". Batch {s['batch_size']}; the loss counts answer tokens only.",
+             f"- **Noise.** {k} seeds per method ({', '.join(map(str, s['seeds']))}); test accuracy on {first['n_test']} "
+             f"examples. A difference is called when it exceeds t x its standard error, which holds the seeds' spread "
+             f"and the finite test set (t = {t975(2 * k - 2):.2f} for two methods of {k} seeds each, no test-set "
+             "error); otherwise the verdict is *inconclusive*. A *fact* is true by construction and shows its "
+             "arithmetic instead of a verdict. Rules and margins: tinyllm/claims.py.",
+             "- **Time.** " + (f"Pretraining {p['seconds']:.0f} s, then " if p["made_now"] else "") +
+             f"{results['timing']['compare_seconds']:.0f} s of fine-tuning and evaluation, "
+             f"{results['timing']['total_seconds']:.0f} s in all on {results['timing']['cores']} cores.", ""]
+    if results["smoke_test"]:
+        lines[2:2] = ["**This was a smoke test (`--quick`): a tiny pretraining and a few steps prove that the code "
+                      "runs. Its numbers mean nothing and no claim is judged.**", ""]
+    return lines
+
+
+def accuracies(per_seed):
+    """'0.95, 0.93, 0.96': each seed's accuracy, from its per-example results."""
+    return ", ".join(f"{np.mean(x):.2f}" for x in per_seed)
+
+
+def task_section(name, t, block_size):
+    header, rows = results_rows(t)
+    lines = [f"### Task `{name}`", "",
+             f"{t['n_train']} training examples, {t['n_test']} test examples. test acc: " +
+             ("exact match of greedy decoding" if t["kind"] == "generate" else "the label scored higher, as a classifier head") +
+             ". flattened: runs whose val loss fell less than 5% over their last fifth. ms/step: median, timed in "
+             "turns. AdamW state: m and v. saved: the files save_pretrained writes. corpus loss and fact recall: "
+             "with the method switched on.", "", md_table(header, rows), "",
+             f"Few-shot prompting of the base model (no training), in a context of {block_size} positions:", "",
+             md_table(["k shots", "positions per query", "fits", "test accuracy"],
+                      [[r["k"], f"{r['tokens_per_query']:.0f}", "yes" if r["fits"] else "no",
+                        "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"] for r in t["few_shot"]]), "",
+             "Greedy answers to the first test prompts (first seed):", ""]
+    for ex in t["examples"]:
+        lines.append(f"- `{ex['input']!r}` -> expected `{ex['expected']!r}`")
+        lines += [f"    - {k}: `{v!r}`" for k, v in ex["outputs"].items()]
+    s = t.get("sequential")
+    if s:
+        lines += ["", f"Task after task ({name}, then {s['task_b']}; per seed):", "",
+                  md_table(["", f"{name} accuracy", f"{s['task_b']} accuracy"],
+                           [["full, after " + name, accuracies(s["full"]["a"]), "-"],
+                            [f"full, after {name} then {s['task_b']}", accuracies(s["full"]["a_after_b"]),
+                             accuracies(s["full"]["b"])],
+                            ["two LoRA adapters on one base", accuracies(s["adapter"]["a"]), accuracies(s["adapter"]["b"])]])]
+    return lines + [""]
 
 
 def write_report(results, path, figures):
-    s, tasks = results["settings"], results["tasks"]
-    seeds, lrs = s["seeds"], results["learning_rates"]
-    p = results["pretrain"]
-    lines = [
-        "# Fine-tuning methods, side by side",
-        "",
-        f"Written by `{results['command']}`. Every number here was computed by that run; the verdicts at the end",
-        "are computed from them by the rules listed before the table (tinyllm/claims.py, `CLAIMS`).",
-        "",
-        "## Setup",
-        "",
-        f"- Base model: `{p['checkpoint']}`, a {results['model']['parameters']:,}-parameter GPT "
-        f"({results['model']['config']['n_layer']} layers, {results['model']['config']['n_embd']} wide, context "
-        f"{results['model']['config']['block_size']}), " +
-        (f"pretrained by this run in {p['seconds']:.0f} s." if p["made_now"] else "reused (pretrained earlier)."),
-        f"- Each method: {s['steps']} steps of {s['batch_size']} examples, the same for all; loss on the answer tokens "
-        f"only; AdamW, warmup then cosine decay, gradient clipping at 1 (tinyllm.train.train); {seeds} seed(s)"
-        + (" (tables show mean ± std)." if seeds > 1 else "."),
-        "- Learning rates (tuned per method, see `LRS` in tinyllm/compare.py for the measurements): " +
-        ", ".join(f"{LABELS[m]} {lrs[m]:g}" for m in lrs) + ".",
-        "- Methods: " + "; ".join(f"{LABELS[m]}: {tasks[next(iter(tasks))]['runs'][m][0]['formula']}"
-                                  for m in lrs) + ".",
-        "- Forgetting: loss on fixed windows of the pretraining corpus's validation split and greedy recall of every "
-        "fact (\"mia lives in\" -> \" oslo\", whatever punctuation follows), before and after; PEFT methods measured "
-        "with the adapter on.",
-        f"- Timings: measured on this machine ({results['timing']['cpu_note']}); total wall time "
-        f"{results['timing']['total_seconds']:.0f} s (" +
-        (f"pretraining {results['timing']['pretrain_seconds']:.0f} s, " if p["made_now"] else "") +
-        f"fine-tuning and evaluation {results['timing']['compare_seconds']:.0f} s), "
-        f"{results['timing']['cpu_seconds']:.0f} CPU seconds in this process{load_note(results['timing'])}.",
-        "",
-    ]
-    for name, t in tasks.items():
-        header, rows = results_rows(t, seeds, lrs)
-        lines += [f"## Task `{name}`", "",
-                  f"{t['n_train']} training examples, {t['n_test']} test examples. test acc: "
-                  + ("exact match of greedy decoding" if t["kind"] == "generate"
-                     else "the label scored higher, as a classifier head")
-                  + ("; format ok: the answer has the record's structure" if name == "record" else "") + ". "
-                  "ms/step: median of steps timed in turns with the other methods (fair under a changing load). "
-                  "optimizer: AdamW's m and v. saved: the files save_pretrained writes.", "",
-                  md_table(header, rows), "",
-                  "Few-shot prompting of the base model (no training), in a context of "
-                  f"{results['model']['config']['block_size']} tokens:", "",
-                  md_table(["k shots", "tokens per query", "fits", "test accuracy"],
-                           [[r["k"], f"{r['tokens_per_query']:.0f}", "yes" if r["fits"] else "no",
-                             "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"] for r in t["few_shot"]]), "",
-                  "Examples (greedy answers on the first test prompts):", ""]
-        for ex in t["examples"]:
-            lines.append(f"- `{ex['input']!r}` -> expected `{ex['expected']!r}`")
-            lines += [f"    - {k}: `{v!r}`" for k, v in ex["outputs"].items()]
-        if t.get("variants"):
-            lines += ["", f"Variants ({s['variant_steps']} steps each, seed 0, final val loss):", "",
-                      md_table(["setting", "value", "trainable", "val loss at start", "final val loss"],
-                               [[g.replace("_", " "), label, f"{v['trainable_params']:,}", f"{v['val_start']:.3f}",
-                                 f"{v['val_loss']:.3f}"]
-                                for g, rows_ in t["variants"].items() for label, v in rows_.items()])]
-        lines.append("")
-    lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
-    lines += ["## How each verdict is decided", "",
-              "Where a rule has several cases (tasks, methods, settings) it is supported if every case holds, not "
-              "supported if none does, mixed otherwise, and not measured if the run had no case. \"Clearly\" means by "
-              "more than two standard errors of the difference of two accuracies on the test set (`noise`).", ""]
-    lines += [f"{i}. **{c['claim']}**: {c['rule']}" for i, c in enumerate(results["claims"], 1)] + [""]
-    lines += ["## Claims, measured at this scale", "",
-              md_table(["#", "claim", "what we measured", "verdict"],
-                       [[i, c["claim"], c["measured"], f"**{c['verdict']}**"]
-                        for i, c in enumerate(results["claims"], 1)])]
+    captions = dict(figures)
+    title = "# Fine-tuning methods, side by side" + (" (SMOKE TEST: no verdicts)" if results["smoke_test"] else "")
+    lines = [title, "", f"Written by `{results['command']}`. Every number was computed by that run, except the "
+             "tuning claims' (from the stored sweep, which the table says); every verdict by a rule in "
+             "tinyllm/claims.py.", ""]
+    lines += summary_section(results, captions)
+    lines += how_to_read(results)
+    lines += ["## Details", ""]
+    for name, t in results["tasks"].items():
+        lines += task_section(name, t, results["model"]["config"]["block_size"])
+    lines += ["## Figures", ""]
+    for name, caption in figures:
+        lines += [f"![{name}]({name})", "", f"*{caption}*", ""]
+    lines += ["## The rules", ""]
+    lines += [f"{i}. **{c['claim']}** ({'fact' if c['verdict'] == FACT else 'measured'}): {c['rule']}"
+              for i, c in enumerate(results["claims"], 1)] + [""]
+    if results["smoke_test"]:
+        lines += [f"(Every measured claim reads *{SMOKE}*.)", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
-
-

@@ -4,17 +4,19 @@ Every example is a (prompt, answer) pair of strings. Fine-tuning trains on promp
 the answer tokens only (targets are -100 everywhere else), as instruction tuning does. Every answer ends in
 "\\n", so greedy decoding knows where to stop.
 
-- record:   change the format of the output.
-            "fact: kim is 31 and lives in rome.\\nrecord:" -> " name=kim|city=rome|age=31\\n"
-            Invented people, so that training on it never contradicts what pretraining taught.
-- qa:       answer from pretraining knowledge. "q: where does mia live?\\na:" -> " oslo\\n"
+- extract:  read one field off a sentence about an invented person (the lab's default task).
+            "kim is a baker, owns a cat and loves pink.\\njob" -> " baker\\n"
+- record:   rewrite the sentence as a record, in a fixed order: a harder change of format.
+            "kim is 31 and lives in rome.\\nrecord" -> " name kim, city rome, age 31\\n"
+- qa:       answer from pretraining knowledge. "where does mia live\\nanswer" -> " oslo\\n"
             Split by people: the test people's facts are in the corpus but in no fine-tuning example.
-- classify: true or false, beyond generation. "statement: mia lives in oslo.\\ntrue or false?" -> " true\\n"
+- classify: true or false, beyond generation. "mia lives in oslo.\\ntrue or false" -> " true\\n"
             Scored like a classifier head: the logits of the label tokens at one position.
 
 Legend: N = number of examples, T = longest example minus one, B = batch size, V = vocab size.
 """
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
@@ -37,6 +39,7 @@ class Task:
     val: list
     test: list
     labels: tuple = ()  # classify only: every possible answer
+    format: str = ""    # generate only: a regular expression every answer matches (the task's structure)
 
     def __repr__(self):
         return (f"Task(name={self.name!r}, kind={self.kind!r}, train={len(self.train)}, "
@@ -60,63 +63,130 @@ def _other_value(attr, true_value, rng):
     return _pick(rng, [v for v in pool if v != true_value])
 
 # ----------------------------------------------------------------------------------------------------
-# the three tasks
+# the tasks
+#
+# Their prompts and answers use only characters the pretraining text is full of (letters, digits, space,
+# '.', ',', "'" and the newline). A character pretraining never showed has an untrained input embedding,
+# and with the tied LM head an output row that was only ever pushed down: every method then starts
+# far behind, and only one that may train that row (full fine-tuning) can catch up. A comparison on such
+# a task measures who may train a new symbol, not the methods; record_symbols keeps that effect for the
+# lesson that shows it (lessons/17_new_tokens.py), and tests check every lab task against the corpus.
 
-RECORD_NAMES = ("kim", "ada", "bob", "eve", "ugo", "ines", "joe", "tim", "pia", "ola", "ray", "sue",
-                "ned", "liv", "abe", "fay", "gil", "hal", "ida", "kit", "lou", "meg", "ron", "val")
+INVENTED_NAMES = ("kim", "ada", "bob", "eve", "ugo", "ines", "joe", "tim", "pia", "ola", "ray", "sue",
+                  "ned", "liv", "abe", "fay", "gil", "hal", "ida", "kit", "lou", "meg", "ron", "val")
 RECORD_FIELDS = ("city", "job", "age", "pet", "color")    # the order of the fields in a record
-RECORD_CLAUSES = {"city": ("lives in {v}", "is from {v}"), "job": ("works as a {v}", "is a {v}"),
-                  "age": ("is {v}", "is aged {v}"), "pet": ("has a {v}", "owns a {v}"),
-                  "color": ("likes {v}", "loves {v}")}
+EXTRACT_FIELDS = ("city", "job", "pet", "color")          # words the pretrained model knows; no ages to copy
+CLAUSES = {"city": ("lives in {v}", "is from {v}"), "job": ("works as a {v}", "is a {v}"),
+           "age": ("is {v}", "is aged {v}"), "pet": ("has a {v}", "owns a {v}"),
+           "color": ("likes {v}", "loves {v}")}
+
+
+def _invented_person(rng, fields):
+    """An invented person (so no example contradicts pretraining) with 2 or 3 of the fields, and a sentence
+    stating them in random order: ('kim', {'job': 'baker', 'pet': 'cat'}, 'kim owns a cat and is a baker.')."""
+    name = _pick(rng, INVENTED_NAMES)
+    chosen = [fields[i] for i in sorted(rng.choice(len(fields), int(rng.integers(2, 4)), replace=False))]
+    values = {f: str(rng.integers(*AGE_RANGE)) if f == "age" else _pick(rng, VALUES[f]) for f in chosen}
+    clauses = [_pick(rng, CLAUSES[f]).format(v=values[f]) for f in rng.permutation(chosen)]
+    return name, values, f"{name} {', '.join(clauses[:-1])} and {clauses[-1]}."
+
+
+def _extract_example(rng):
+    """Read one field off a sentence: 'kim is a baker, owns a cat and loves pink.\njob' -> ' baker\n'."""
+    _, values, sentence = _invented_person(rng, EXTRACT_FIELDS)
+    field = _pick(rng, list(values))
+    return f"{sentence}\n{field}", f" {values[field]}\n"
 
 
 def _record_example(rng):
-    """2 or 3 facts about an invented person, stated in any order; the record lists them in a fixed order."""
-    name = _pick(rng, RECORD_NAMES)
-    fields = [RECORD_FIELDS[i] for i in sorted(rng.choice(len(RECORD_FIELDS), int(rng.integers(2, 4)),
-                                                          replace=False))]
-    values = {f: str(rng.integers(*AGE_RANGE)) if f == "age" else _pick(rng, VALUES[f]) for f in fields}
-    clauses = [_pick(rng, RECORD_CLAUSES[f]).format(v=values[f]) for f in rng.permutation(fields)]
-    prompt = f"fact: {name} {', '.join(clauses[:-1])} and {clauses[-1]}.\nrecord:"
-    answer = " " + "|".join([f"name={name}"] + [f"{f}={values[f]}" for f in fields]) + "\n"
-    return prompt, answer
+    """Rewrite the sentence as a record, fields in a fixed order: ' name kim, job baker, pet cat\n'."""
+    name, values, sentence = _invented_person(rng, RECORD_FIELDS)
+    fields = [f for f in RECORD_FIELDS if f in values]
+    return f"{sentence}\nrecord", " " + ", ".join([f"name {name}"] + [f"{f} {values[f]}" for f in fields]) + "\n"
 
 
-def make_record_task(world=None, seed=0, n_train=2000, n_val=200, n_test=200):
-    """The format task. `world` is not used (the people are invented); it keeps get_task uniform."""
+def _record_symbols_example(rng):
+    """The record task written with symbols pretraining never showed (':', '=', '|'), for lesson 17:
+    'fact: kim is 31 and lives in rome.\nrecord:' -> ' name=kim|city=rome|age=31\n'."""
+    name, values, sentence = _invented_person(rng, RECORD_FIELDS)
+    fields = [f for f in RECORD_FIELDS if f in values]
+    return f"fact: {sentence}\nrecord:", " " + "|".join([f"name={name}"] + [f"{f}={values[f]}" for f in fields]) + "\n"
+
+
+def _invented_task(name, make_example, seed, n_train, n_val, n_test):
+    """A task of invented examples: distinct prompts, so no prompt is in two splits."""
     rng = np.random.default_rng(seed)
-    examples = {}                                  # prompt -> answer: no prompt in two splits
+    examples = {}
     while len(examples) < n_train + n_val + n_test:
-        prompt, answer = _record_example(rng)
+        prompt, answer = make_example(rng)
         if len(prompt) + len(answer) <= MAX_EXAMPLE_CHARS:
             examples[prompt] = answer
     items = list(examples.items())
-    return Task("record", "generate", train=items[:n_train], val=items[n_train:n_train + n_val],
-                test=items[n_train + n_val:])
+    return Task(name, "generate", train=items[:n_train], val=items[n_train:n_train + n_val],
+                test=items[n_train + n_val:], format=FORMATS[name])
+
+
+ONE_WORD = r" [a-z0-9]+\n"
+FORMATS = {"extract": ONE_WORD, "qa": ONE_WORD,
+           "record": r" name [a-z]+(, (" + "|".join(RECORD_FIELDS) + r") [a-z0-9]+)+\n",
+           "record_symbols": r" name=[a-z]+(\|(" + "|".join(RECORD_FIELDS) + r")=[a-z0-9]+)+\n"}
+
+
+def format_ok(predictions, task):
+    """For each prediction, whether it has the task's structure (Task.format), right or wrong."""
+    pattern = re.compile(task.format)
+    return [bool(pattern.fullmatch(p)) for p in predictions]
+
+
+def record_scores(predictions, answers):
+    """For the record tasks: how many of the answers' fields (name included) each prediction has right.
+    Returns {'field_accuracy': fields right / fields asked}."""
+    sep = "|" if "|" in answers[0] else ", "
+    hits, total = 0, 0
+    for pred, answer in zip(predictions, answers):
+        want, got = answer.strip().split(sep), set(pred.strip().split(sep))
+        hits, total = hits + sum(w in got for w in want), total + len(want)
+    return {"field_accuracy": hits / total}
+
+
+def make_extract_task(world=None, seed=0, n_train=2000, n_val=200, n_test=200):
+    """The lab's default task. `world` is not used (the people are invented); it keeps get_task uniform."""
+    return _invented_task("extract", _extract_example, seed, n_train, n_val, n_test)
+
+
+def make_record_task(world=None, seed=0, n_train=2000, n_val=200, n_test=200):
+    """The format task: copy a name and two or three values into a fixed structure."""
+    return _invented_task("record", _record_example, seed, n_train, n_val, n_test)
+
+
+def make_record_symbols_task(world=None, seed=0, n_train=2000, n_val=200, n_test=200):
+    """The record task with unseen symbols (not a lab task: see the note above)."""
+    return _invented_task("record_symbols", _record_symbols_example, seed, n_train, n_val, n_test)
 
 
 QUESTIONS = {
-    "city": ("where does {name} live?", "which city does {name} live in?"),
-    "job": ("what is {name}'s job?", "what does {name} do for a living?"),
-    "pet": ("what pet does {name} have?", "what kind of animal does {name} keep?"),
-    "pet_name": ("what is the name of {name}'s {pet}?", "what is {name}'s {pet} called?"),
-    "age": ("how old is {name}?", "what is {name}'s age?"),
-    "color": ("what is {name}'s favorite color?", "which color does {name} like best?"),
+    "city": ("where does {name} live", "which city does {name} live in"),
+    "job": ("what is {name}'s job", "what does {name} do for a living"),
+    "pet": ("what pet does {name} have", "what kind of animal does {name} keep"),
+    "pet_name": ("what is the name of {name}'s {pet}", "what is {name}'s {pet} called"),
+    "age": ("how old is {name}", "what is {name}'s age"),
+    "color": ("what is {name}'s favorite color", "which color does {name} like best"),
 }
 
 
 def _qa_examples(world, names):
-    return [(f"q: {question.format(name=name, pet=world[name].pet)}\na:", f" {getattr(world[name], attr)}\n")
+    return [(f"{question.format(name=name, pet=world[name].pet)}\nanswer", f" {getattr(world[name], attr)}\n")
             for name in names for attr in ATTRIBUTES for question in QUESTIONS[attr]]
 
 
 def make_qa_task(world, seed=0):
-    """Questions about the world; val and test ask about people absent from train."""
+    """Questions about the world: 'where does mia live\nanswer' -> ' oslo\n'. Val and test ask about people
+    absent from train, so their facts are in the pretraining text only."""
     train, val, test = split_people(world, seed)
     rng = np.random.default_rng(seed)
     examples = _qa_examples(world, train)
     return Task("qa", "generate", train=[examples[i] for i in rng.permutation(len(examples))],
-                val=_qa_examples(world, val), test=_qa_examples(world, test))
+                val=_qa_examples(world, val), test=_qa_examples(world, test), format=FORMATS["qa"])
 
 
 def _classify_examples(world, names, rng):
@@ -128,12 +198,13 @@ def _classify_examples(world, names, rng):
             for truth in (True, False):
                 value = None if truth else _other_value(attr, getattr(person, attr), rng)
                 statement = fact_sentence(person, attr, int(rng.integers(len(TEMPLATES[attr]))), value)
-                examples.append((f"statement: {statement}\ntrue or false?", " true\n" if truth else " false\n"))
+                examples.append((f"{statement}\ntrue or false", " true\n" if truth else " false\n"))
     return examples
 
 
 def make_classify_task(world, seed=0):
-    """True/false statements about the world, split by people like qa."""
+    """True/false statements about the world, 'mia lives in oslo.\ntrue or false' -> ' true\n', split by
+    people like qa."""
     train, val, test = split_people(world, seed)
     rng = np.random.default_rng(seed)
     examples = _classify_examples(world, train, rng)
@@ -142,14 +213,17 @@ def make_classify_task(world, seed=0):
                 labels=(" true\n", " false\n"))
 
 
-TASKS = {"record": make_record_task, "qa": make_qa_task, "classify": make_classify_task}
+TASKS = {"extract": make_extract_task, "record": make_record_task, "qa": make_qa_task,
+         "classify": make_classify_task}                 # the lab's tasks: every character seen in pretraining
+OTHER_TASKS = {"record_symbols": make_record_symbols_task}
 
 
 def get_task(name, world, seed=0):
-    """The task called name ("record", "qa" or "classify"), with splits fixed by seed."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid names are {', '.join(map(repr, TASKS))}")
-    return TASKS[name](world, seed=seed)
+    """The task called name (one of TASKS, or record_symbols), with splits fixed by seed."""
+    make = {**TASKS, **OTHER_TASKS}.get(name)
+    if make is None:
+        raise ValueError(f"unknown task {name!r}; valid names are {', '.join(map(repr, {**TASKS, **OTHER_TASKS}))}")
+    return make(world, seed=seed)
 
 # ----------------------------------------------------------------------------------------------------
 # encoding and batching
