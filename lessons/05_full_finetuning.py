@@ -42,7 +42,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from tinyllm.plots import log_loss_axis, smooth
-from tinyllm.compare import LRS, record_scores
+from tinyllm.presets import tuned_lrs
+from tinyllm.tasks import record_scores
+
+LRS = tuned_lrs()
 from tinyllm.data import World
 from tinyllm.finetune import VAL_EXAMPLES, finetune, knowledge_probe, measure_base
 from tinyllm.optim import AdamW

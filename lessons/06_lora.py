@@ -42,7 +42,9 @@ import numpy as np
 
 from tinyllm.plots import log_loss_axis, smooth
 from tinyllm.checkpoint import load_checkpoint
-from tinyllm.compare import LRS
+from tinyllm.presets import tuned_lrs
+
+LRS = tuned_lrs()
 from tinyllm.data import World
 from tinyllm.finetune import VAL_EXAMPLES, full_copy_bytes, saved_bytes, task_batches, val_loss_fn
 from tinyllm.model import GPT

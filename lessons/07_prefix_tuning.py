@@ -43,7 +43,9 @@ import numpy as np
 
 from tinyllm.plots import log_loss_axis, smooth
 from tinyllm.checkpoint import load_checkpoint
-from tinyllm.compare import LRS
+from tinyllm.presets import tuned_lrs
+
+LRS = tuned_lrs()
 from tinyllm.data import World
 from tinyllm.finetune import VAL_EXAMPLES, finetune, full_copy_bytes, measure_base, saved_bytes, val_loss_fn
 from tinyllm.model import gpt_forward

@@ -31,7 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)   # `import tinyllm` from a fresh clone, with no install step
 
 from tinyllm.claims import MIXED, NOT_MEASURED, NOT_SUPPORTED, SUPPORTED
-from tinyllm.compare import DEFAULT_CHECKPOINT, LRS, METHODS, compare, method_config
+from tinyllm.compare import DEFAULT_CHECKPOINT, compare
+from tinyllm.presets import MAIN_METHODS as METHODS, method_config, tuned_lrs
+
+LRS = tuned_lrs()
 from tinyllm.peft import get_peft_model
 from lessons.common import indented, section
 

@@ -35,7 +35,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from tinyllm.checkpoint import load_checkpoint
-from tinyllm.compare import LRS
+from tinyllm.presets import tuned_lrs
+
+LRS = tuned_lrs()
 from tinyllm.data import World
 from tinyllm.finetune import finetune, measure_base
 from tinyllm.peft import LoraConfig

@@ -37,7 +37,9 @@ matplotlib.use("Agg")      # write image files; no window needed
 import matplotlib.pyplot as plt
 import numpy as np
 
-from tinyllm.compare import LRS
+from tinyllm.presets import tuned_lrs
+
+LRS = tuned_lrs()
 from tinyllm.data import World
 from tinyllm.finetune import finetune, measure_base
 from tinyllm.peft import AdapterConfig, PrefixTuningConfig, PromptTuningConfig

@@ -31,7 +31,9 @@ matplotlib.use("Agg")      # write image files; no window needed
 import matplotlib.pyplot as plt
 import numpy as np
 
-from tinyllm.compare import LRS, METHODS, method_config
+from tinyllm.presets import MAIN_METHODS as METHODS, method_config, tuned_lrs
+
+LRS = tuned_lrs()
 from tinyllm.data import World
 from tinyllm.finetune import finetune, measure_base
 from tinyllm.tasks import get_task

@@ -39,7 +39,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from tinyllm.checkpoint import load_checkpoint
-from tinyllm.compare import LRS, method_config, record_scores
+from tinyllm.presets import method_config, tuned_lrs
+from tinyllm.tasks import record_scores
+
+LRS = tuned_lrs()
 from tinyllm.data import World
 from tinyllm.finetune import finetune, measure_base, val_loss_fn
 from tinyllm.tasks import evaluate, get_task

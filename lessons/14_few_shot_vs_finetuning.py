@@ -28,7 +28,9 @@ matplotlib.use("Agg")      # write image files; no window needed
 import matplotlib.pyplot as plt
 import numpy as np
 
-from tinyllm.compare import LRS, method_config
+from tinyllm.presets import method_config, tuned_lrs
+
+LRS = tuned_lrs()
 from tinyllm.data import World
 from tinyllm.finetune import finetune, val_loss_fn
 from tinyllm.tasks import TASKS, evaluate, few_shot_task, get_task

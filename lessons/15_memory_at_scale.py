@@ -39,8 +39,7 @@ import numpy as np
 from tinyllm.memory import GPT2_SIZES, activation_arrays, base_count, training_memory
 from tinyllm.model import GPT, GPTConfig
 from tinyllm.optim import AdamW
-from tinyllm.compare import METHODS as METHOD_NAMES
-from tinyllm.compare import method_config
+from tinyllm.presets import MAIN_METHODS as METHOD_NAMES, method_config
 from tinyllm.peft import AdapterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from lessons.common import section
 

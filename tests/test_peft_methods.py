@@ -263,8 +263,8 @@ def test_slice_lora_changes_only_its_third(part):
     base, adapter = pm.base_model.params, pm.adapters["default"]
     assert sorted(adapter) == sorted(f"h.{i}.attn.c_attn.{part}.lora_{ab}" for i in range(L) for ab in "AB")
     x = np.random.default_rng(3).normal(size=(2, 5, C))
-    p = {**base, **adapter}
-    out, _ = projection_forward(x, p, "h.1.attn.c_attn", {"scale": 5 / 3, "dropout": 0.0, "rng": None})
+    hooks = pm.method.hooks(pm.active_peft_config, adapter, CFG)
+    out, _ = projection_forward(x, base, "h.1.attn.c_attn", hooks)
     plain, _ = linear_forward(x, base["h.1.attn.c_attn.weight"], base["h.1.attn.c_attn.bias"])   # the same matmul
     j = "qkv".index(part)
     ours = slice(j * C, (j + 1) * C)

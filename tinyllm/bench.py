@@ -204,8 +204,8 @@ def layer_table(rows, total):
 
 def method_configs():
     """{name: a fresh config} of each method, sized as `python -m tinyllm compare` sizes them."""
-    from .compare import METHODS, method_config
-    return {name: method_config(name) for name in METHODS}
+    from .presets import MAIN_METHODS, method_config
+    return {name: method_config(name) for name in MAIN_METHODS}
 
 
 def interleaved_medians(steps, repeats):

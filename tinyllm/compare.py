@@ -34,7 +34,7 @@ from .finetune import finetune, knowledge_probe, measure_base, task_batches
 from .optim import AdamW, clip_grad_norm
 from .peft import PeftModel, get_peft_model
 from .peft.peft_model import reserved_positions
-from .presets import MAIN_METHODS, method_config, sweep_variants, tuned
+from .presets import DEFAULT_TASK, MAIN_METHODS, method_config, sweep_variants, tuned
 from .report import plot_all, results_rows, text_table, write_report
 from .sweep import BATCH_SIZE, N_VAL
 from .tasks import TASKS, evaluate, few_shot_task, format_ok, get_task
@@ -42,7 +42,6 @@ from .train import PRETRAIN_OUT, default_out, duration, pretrain
 
 DEFAULT_CHECKPOINT = PRETRAIN_OUT
 DEFAULT_OUT = "runs/compare"
-DEFAULT_TASK = "extract"
 SECOND_TASK = {"extract": "qa", "record": "qa", "qa": "extract", "classify": "extract"}   # task after task
 
 

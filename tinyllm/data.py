@@ -158,15 +158,49 @@ def _numbers(person, rng):
     return " ".join(sentences)
 
 
+# Invented people: not in the world, with new facts in every document. A recap states an invented person's
+# facts, then again in another order and other words: text that can only be predicted by reading back what
+# the document said, not from memory. It teaches the model to look things up in its context, which is
+# what the fine-tuning tasks ask of it (tasks.py uses the same names and phrases).
+INVENTED_NAMES = ("kim", "ada", "bob", "eve", "ugo", "ines", "joe", "tim", "pia", "ola", "ray", "sue",
+                  "ned", "liv", "abe", "fay", "gil", "hal", "ida", "kit", "lou", "meg", "ron", "val")
+VALUES = {"city": CITIES, "job": JOBS, "pet": PETS, "pet_name": PET_NAMES, "color": COLORS}
+CLAUSES = {"city": ("lives in {v}", "is from {v}"), "job": ("works as a {v}", "is a {v}"),
+           "age": ("is {v}", "is aged {v}"), "pet": ("has a {v}", "owns a {v}"),
+           "color": ("likes {v}", "loves {v}")}
+
+
+def invented_person(rng, fields, n=(2, 3)):
+    """An invented person with n[0] to n[1] of the fields, in the fields' order: (name, {field: value})."""
+    name = _pick(rng, INVENTED_NAMES)
+    k = int(rng.integers(n[0], n[1] + 1))
+    chosen = [fields[i] for i in sorted(rng.choice(len(fields), k, replace=False))]
+    return name, {f: str(rng.integers(*AGE_RANGE)) if f == "age" else _pick(rng, VALUES[f]) for f in chosen}
+
+
+def state(name, values, rng):
+    """'kim owns a cat, is from rome and likes red.': the facts in random order and wording."""
+    clauses = [_pick(rng, CLAUSES[f]).format(v=values[f]) for f in rng.permutation(list(values))]
+    return f"{name} {', '.join(clauses[:-1])} and {clauses[-1]}."
+
+
+def _recap(rng):
+    name, values = invented_person(rng, ("city", "job", "age", "pet", "color"))
+    return f"{state(name, values, rng)} in short, {state(name, values, rng)}"
+
+
 def make_document(world, person, rng):
-    """One document (one line, no newline) about person: a profile, stories or numbers."""
+    """One document (one line, no newline) about person: a profile, stories or numbers; or a recap of an
+    invented person."""
     r = rng.random()
-    if r < 0.5:                                    # profiles state every fact: the densest text
+    if r < 0.45:                                   # profiles state every fact: the densest text
         return _profile(person, rng)
-    if r < 0.85:
+    if r < 0.75:
         others = [p for p in world.people if p is not person]
         return _stories(person, _pick(rng, others), rng)
-    return _numbers(person, rng)
+    if r < 0.88:
+        return _numbers(person, rng)
+    return _recap(rng)
 
 # ----------------------------------------------------------------------------------------------------
 # the corpus and batches of it

@@ -25,11 +25,8 @@ import math
 
 import numpy as np
 
-from .model import GPT2_SMALL, GPTConfig, param_shapes
-from .peft import (AdapterConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig,
-                   PromptTuningConfig)
-from .peft.lora import find_targets, fused_module, module_shapes
-from .peft.peft_model import reserved_positions
+from .model import GPT2_SMALL, GPTConfig, Hooks, param_shapes
+from .peft import method_of
 
 # the four released GPT-2 sizes (a shared token embedding and LM head, as in tinyllm)
 GPT2_SIZES = {
@@ -47,47 +44,16 @@ def base_count(mc):
 
 
 # ----------------------------------------------------------------------------------------------------
-# parameters: what each method adds, and what trains
+# parameters: what each method adds, and what trains (each method's module counts its own)
 
 def added_count(method, mc):
     """Numbers the method adds to the model (0 for full fine-tuning, which trains the base itself)."""
-    C, L = mc.n_embd, mc.n_layer
-    if isinstance(method, LoraConfig):
-        shapes = module_shapes(mc)
-        return sum(method.r * (shapes[n][0] + shapes[n][1]) for n in find_targets(method, mc))   # r*(in+out)
-    if isinstance(method, PrefixTuningConfig):
-        P, H = method.num_virtual_tokens, method.encoder_hidden_size
-        if method.prefix_projection:   # embedding (P,C), then C -> H -> 2LC
-            return P * C + (C * H + H) + (H * 2 * L * C + 2 * L * C)
-        return 2 * L * P * C           # a key and a value per virtual token, per layer
-    if isinstance(method, PromptTuningConfig):
-        return method.num_virtual_tokens * C
-    if isinstance(method, AdapterConfig):
-        blocks = L if method.layers_to_transform is None else len(method.layers_to_transform)
-        m = method.bottleneck_size
-        return blocks * 2 * (C * m + m + m * C + C)   # two adapters per block: down (C,m)+(m,), up (m,C)+(C,)
-    if isinstance(method, FullFineTuningConfig):
-        return 0
-    raise TypeError(f"unknown method config {type(method).__name__}")
+    return method_of(method).added_count(method, mc)
 
 
 def trainable_count(method, mc):
     """Numbers that train (and so get a gradient and AdamW state)."""
-    if isinstance(method, FullFineTuningConfig):
-        shapes = param_shapes(mc)
-        if method.last_k_blocks is None:
-            return base_count(mc)
-        first = mc.n_layer - method.last_k_blocks
-        return sum(math.prod(s) for k, s in shapes.items()
-                   if k.startswith("ln_f.") or (k.startswith("h.") and int(k.split(".")[1]) >= first))
-    n = added_count(method, mc)
-    if isinstance(method, LoraConfig) and method.bias != "none":   # base biases that train along with LoRA
-        biases = {k[:-len(".bias")]: s[0] for k, s in param_shapes(mc).items() if k.endswith(".bias")}
-        if method.bias == "lora_only":   # the targeted linears' own (a c_attn slice trains all of c_attn's)
-            modules = {fused_module(t) for t in find_targets(method, mc)}
-            biases = {k: v for k, v in biases.items() if k in modules}
-        n += sum(biases.values())
-    return n
+    return method_of(method).trainable_count(method, mc)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -100,38 +66,28 @@ def activation_count(mc, method, batch_size, seq_len):
       ln_1 xhat C + rstd 1, its output C (c_attn's input), qkv 3C, attention weights NH*K, their output C,
       ln_2 xhat C + rstd 1, its output C, c_fc's output 4C, gelu's tanh 4C, its output 4C
       = 20C + 2 + NH*K.
-    After the blocks: ln_f 2C + 1, and the softmax of the logits, V per real token.
-    Methods add: LoRA x@A (r per token per targeted linear), adapters 2 x (C + 3m) per block (input,
-    bottleneck, gelu's tanh, gelu output), a prefix its keys and values concatenated in front of
-    the tokens' (2C per key), the prefix MLP its hidden layer (P*H).
+    After the blocks: ln_f 2C + 1, and the softmax of the logits, V per real token. A prefix's keys and
+    values are concatenated in front of the tokens' (2C per key); the method's own layers add what
+    its module counts (Method.activations: LoRA's x @ A, an adapter's bottleneck, ...).
     """
     C, NH, L, V = mc.n_embd, mc.n_head, mc.n_layer, mc.vocab_size
     B, T = batch_size, seq_len
-    P = reserved_positions(method)
-    prompt = P if isinstance(method, PromptTuningConfig) else 0
-    prefix = P if isinstance(method, PrefixTuningConfig) else 0
+    m = method_of(method)
+    prompt, prefix = m.prompt_positions(method), m.past_positions(method)
     T_all = T + prompt                       # positions that run through the blocks
     K = prefix + T_all                       # keys every position attends over (masked ones stored too)
     per_block = B * T_all * (20 * C + 2 + NH * K)
     if prefix:   # np.concatenate([past_k, k]): new (B,NH,K,hs) keys and values; q still holds qkv
         per_block += 2 * B * K * C
-    n = L * per_block + B * T_all * (2 * C + 1) + B * T * V
-    if isinstance(method, LoraConfig):
-        n += B * T_all * method.r * len(find_targets(method, mc))
-    if isinstance(method, AdapterConfig):
-        blocks = L if method.layers_to_transform is None else len(method.layers_to_transform)
-        n += blocks * 2 * B * T_all * (C + 3 * method.bottleneck_size)
-    if isinstance(method, PrefixTuningConfig) and method.prefix_projection:
-        n += P * method.encoder_hidden_size
-    return n
+    return L * per_block + B * T_all * (2 * C + 1) + B * T * V + m.activations(method, mc, B, T_all)
 
 
 def activation_arrays(cache, weights):
     """The arrays a forward really keeps for its backward, to check activation_count against: every
     distinct array reachable from the cache (dicts, lists, tuples), each once however many views of it
-    the cache holds. Parameters are not activations: the arrays in `weights` are left out, and so is a
-    gpt_forward cache's own 'p', the parameter dict the forward ran on (with prefix_projection it also
-    holds the prefixes the MLP computed)."""
+    the cache holds. Parameters are not activations: the arrays in `weights` are left out, and so are a
+    gpt_forward cache's own 'p', the parameter dict the forward ran on, and its hooks' 'own', the method's
+    parameters."""
     skip = {id(w) for w in weights}
     found = {}
 
@@ -144,8 +100,10 @@ def activation_arrays(cache, weights):
                 found[id(base)] = base
         elif isinstance(obj, dict):
             for k, v in obj.items():
-                if k != "p":
+                if k not in ("p", "own"):
                     walk(v)
+        elif isinstance(obj, Hooks):
+            walk(vars(obj))
         elif isinstance(obj, (list, tuple)):
             for v in obj:
                 walk(v)
@@ -167,7 +125,7 @@ def training_memory(mc, method, batch_size=1, seq_len=None, dtype="float32"):
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {list(DTYPE_BYTES)}, got {dtype!r}")
-    P = reserved_positions(method)
+    P = method_of(method).reserved_positions(method)
     T = mc.block_size - P if seq_len is None else seq_len
     if not 1 <= T <= mc.block_size - P:
         raise ValueError(f"seq_len {T} plus {P} virtual tokens does not fit the context of {mc.block_size}")

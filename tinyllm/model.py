@@ -9,13 +9,10 @@ weights stored (in, out), so a GPT-2 checkpoint converted to arrays loads as it 
     h.{i}.ln_2.weight|bias (C,)       h.{i}.mlp.c_fc.weight (C,4C) |bias      h.{i}.mlp.c_proj.weight (4C,C) |bias
     ln_f.weight|bias (C,)             (the LM head is wte itself: logits = x @ wte^T)
 
-`gpt_forward` and `gpt_backward` work on any such dict. The fine-tuning methods (tinyllm.peft) add keys
-to it and choose which keys train; the forward picks the extra keys up where they belong:
-
-    h.{i}.<linear>.lora_A|lora_B           LoRA on that linear (h.{i}.attn.c_attn.q.lora_A: on the q slice only)
-    h.{i}.attn.prefix_k|prefix_v (P,C)     prefix tuning: keys and values before the real tokens
-    prompt_embeddings (P,C)                prompt tuning: input vectors before the real tokens
-    h.{i}.adapter_attn|adapter_mlp.down|up.weight|bias   Houlsby adapters after attention and MLP
+`gpt_forward` and `gpt_backward` work on any such dict, and take `trainable`, the names whose gradients
+to compute. A fine-tuning method (tinyllm.peft) plugs in through Hooks, at the few places it changes the
+computation (a linear layer, the keys and values before the tokens', input vectors before the tokens, a
+branch before each residual add); this file does not know one method from another.
 
 Legend: B batch, T time, P past positions, C channels, NH heads, hs head size, V vocabulary.
 """
@@ -23,11 +20,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .layers import (IGNORE_INDEX, adapter_backward, adapter_forward, attention_backward,
-                     attention_forward, cross_entropy_backward, cross_entropy_forward,
-                     embedding_backward, embedding_forward, gelu_backward, gelu_forward,
-                     layernorm_backward, layernorm_forward, linear_backward, linear_forward,
-                     lora_backward, lora_forward)
+from .checks import as_array, check_targets, check_tokens, check_weights, is_int, is_number
+from .layers import (attention_backward, attention_forward, cross_entropy_backward, cross_entropy_forward,
+                     embedding_backward, embedding_forward, gelu_backward, gelu_forward, layernorm_backward,
+                     layernorm_forward, linear_backward, linear_forward)
 
 
 @dataclass
@@ -94,222 +90,153 @@ def init_params(config, seed=0, dtype=np.float32):
 
 
 # ----------------------------------------------------------------------------------------------------
-# a linear layer with whatever LoRA updates are attached to it
+# where a fine-tuning method plugs in
 
-def lora_parts(name, n_out):
-    """The LoRA key prefixes a linear can carry and the output columns each one updates. The fused
-    c_attn can also take LoRA on its q, k or v third alone (as the LoRA paper did, on q and v)."""
-    parts = [(name, slice(None))]
-    if name.endswith("c_attn"):
-        C = n_out // 3
-        parts += [(f"{name}.{s}", slice(j * C, (j + 1) * C)) for j, s in enumerate("qkv")]
-    return parts
+class Hooks:
+    """The places a fine-tuning method (tinyllm.peft) plugs into GPT-2. The forward calls each hook at a
+    fixed point and the backward calls its pair, in reverse; these defaults do nothing, so GPT-2 itself runs
+    with Hooks(). A method's hooks hold its own parameters (in .own) and write their gradients into `grads`.
 
-
-def projection_forward(x, p, name, lora):
-    """x @ W + b for the linear `name` (e.g. 'h.0.attn.c_attn'), plus any LoRA updates on it.
-
-    lora: dict with 'scale', 'dropout' (a probability) and 'rng' (None: no dropout, as in eval mode).
-    Returns: out (...,out), cache.
+        params(p)              the parameters the model runs on (e.g. rows of wte replaced)
+        prompt(B)              (B,P,C) vectors before the tokens' embeddings, or None      prompt tuning
+        past(i, B)             keys and values before block i's, (B,NH,P,hs) each         prefix tuning
+        linear(name, x, w, b)  each of a block's four linear layers                       LoRA, (IA)^3
+        branch(name, a)        a block's attention or MLP output, before the residual add  adapters
     """
-    out, lin_cache = linear_forward(x, p[name + ".weight"], p[name + ".bias"])
-    lora_caches = []
-    for key, cols in lora_parts(name, out.shape[-1]):
-        if key + ".lora_A" not in p:
-            continue
-        keep = None
-        if lora["dropout"] > 0 and lora["rng"] is not None:
-            keep = (lora["rng"].random(x.shape) >= lora["dropout"]).astype(x.dtype) / (1.0 - lora["dropout"])
-        delta, c = lora_forward(x, p[key + ".lora_A"], p[key + ".lora_B"], lora["scale"], keep)
-        out[..., cols] += delta
-        lora_caches.append((key, cols, c))
-    return out, (name, lin_cache, lora_caches)
+
+    def params(self, p):
+        return p
+
+    def params_backward(self, grads):
+        """Turn the gradients of what params() made into gradients of the method's own parameters."""
+
+    def prompt(self, B):
+        return None
+
+    def prompt_backward(self, dprompt, grads):
+        """dprompt (B,P,C): the gradient of the prompt vectors."""
+
+    def past(self, i, B):
+        return None, None
+
+    def past_backward(self, i, dpast_k, dpast_v, grads):
+        """dpast_k, dpast_v (B,NH,P,hs): the gradients of block i's past keys and values."""
+
+    def linear(self, name, x, w, b):
+        return linear_forward(x, w, b)
+
+    def linear_backward(self, dout, cache, need_dw, need_db, grads):
+        return linear_backward(dout, cache, need_dw, need_db)
+
+    def branch(self, name, a):
+        return a, None
+
+    def branch_backward(self, da, cache, grads):
+        return da
 
 
-def projection_backward(dout, cache, trainable, grads):
-    """Returns dx; writes the gradients of trainable weights into grads."""
-    name, lin_cache, lora_caches = cache
+NO_HOOKS = Hooks()
+
+
+def projection_forward(x, p, name, hooks):
+    """x @ W + b for the linear `name` (e.g. 'h.0.attn.c_attn'), through the method's hook."""
+    return hooks.linear(name, x, p[name + ".weight"], p[name + ".bias"])
+
+
+def projection_backward(dout, cache, name, trainable, grads, hooks):
+    """Returns dx; writes the gradients of the linear's own weights into grads when they train."""
     w, b = name + ".weight", name + ".bias"
-    dx, dw, db = linear_backward(dout, lin_cache, need_dw=w in trainable, need_db=b in trainable)
-    if dw is not None:
-        grads[w] = dw
-    if db is not None:
-        grads[b] = db
-    for key, cols, c in lora_caches:
-        dx_lora, dA, dB = lora_backward(dout[..., cols], c)
-        dx += dx_lora                                  # x feeds both the frozen W and the LoRA path
-        keep_trainable(grads, trainable, {key + ".lora_A": dA, key + ".lora_B": dB})
-    return dx
-
-
-def maybe_adapter_forward(x, p, name):
-    """A Houlsby adapter if the keys `name`.down/up exist, else the identity."""
-    if name + ".down.weight" not in p:
-        return x, None
-    out, cache = adapter_forward(x, p[name + ".down.weight"], p[name + ".down.bias"],
-                                 p[name + ".up.weight"], p[name + ".up.bias"])
-    return out, (name, cache)
-
-
-def maybe_adapter_backward(dout, cache, trainable, grads):
-    if cache is None:
-        return dout
-    name, c = cache
-    dx, dwd, dbd, dwu, dbu = adapter_backward(dout, c)
-    keep_trainable(grads, trainable, {name + ".down.weight": dwd, name + ".down.bias": dbd,
-                                      name + ".up.weight": dwu, name + ".up.bias": dbu})
+    dx, dw, db = hooks.linear_backward(dout, cache, w in trainable, b in trainable, grads)
+    grads.update({k: g for k, g in ((w, dw), (b, db)) if g is not None})
     return dx
 
 
 def layernorm_params_backward(dout, cache, name, trainable, grads):
     w, b = name + ".weight", name + ".bias"
     dx, dw, db = layernorm_backward(dout, cache, need_dparams=w in trainable or b in trainable)
-    keep_trainable(grads, trainable, {w: dw, b: db})
+    grads.update({k: g for k, g in ((w, dw), (b, db)) if k in trainable})
     return dx
-
-
-def keep_trainable(grads, trainable, new):
-    """Add to grads those of the new gradients whose parameter is trainable."""
-    grads.update({k: g for k, g in new.items() if k in trainable})
 
 
 # ----------------------------------------------------------------------------------------------------
 # one transformer block: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))
 
-def block_forward(x, p, i, n_head, past, lora):
+def block_forward(x, p, i, n_head, past, hooks):
     """Inputs: x (B,T,C); past (k, v) each (B,NH,P,hs), or (None, None). Returns: x (B,T,C), cache."""
     h = f"h.{i}."
-    a, c_ln1 = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])   # (B,T,C)
-    a, c_attn = projection_forward(a, p, h + "attn.c_attn", lora)               # (B,T,C) -> (B,T,3C)
-    a, c_att = attention_forward(a, n_head, *past)                              # (B,T,3C) -> (B,T,C)
-    a, c_aproj = projection_forward(a, p, h + "attn.c_proj", lora)              # (B,T,C)
-    a, c_ad1 = maybe_adapter_forward(a, p, h + "adapter_attn")                  # (B,T,C)
-    x = x + a                                                                   # residual
-    m, c_ln2 = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])   # (B,T,C)
-    m, c_fc = projection_forward(m, p, h + "mlp.c_fc", lora)                    # (B,T,C) -> (B,T,4C)
-    m, c_gelu = gelu_forward(m)                                                 # (B,T,4C)
-    m, c_mproj = projection_forward(m, p, h + "mlp.c_proj", lora)               # (B,T,4C) -> (B,T,C)
-    m, c_ad2 = maybe_adapter_forward(m, p, h + "adapter_mlp")                   # (B,T,C)
-    x = x + m                                                                   # residual
-    return x, (c_ln1, c_attn, c_att, c_aproj, c_ad1, c_ln2, c_fc, c_gelu, c_mproj, c_ad2)
+    c = {}
+    a, c["ln_1"] = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])          # (B,T,C)
+    a, c["c_attn"] = projection_forward(a, p, h + "attn.c_attn", hooks)                    # (B,T,C) -> (B,T,3C)
+    a, c["attn"] = attention_forward(a, n_head, *past)                                     # (B,T,3C) -> (B,T,C)
+    a, c["attn_c_proj"] = projection_forward(a, p, h + "attn.c_proj", hooks)               # (B,T,C)
+    a, c["attn_branch"] = hooks.branch(h + "attn", a)                                      # (B,T,C)
+    x = x + a                                                                              # residual
+    m, c["ln_2"] = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])          # (B,T,C)
+    m, c["c_fc"] = projection_forward(m, p, h + "mlp.c_fc", hooks)                         # (B,T,C) -> (B,T,4C)
+    m, c["gelu"] = gelu_forward(m)                                                         # (B,T,4C)
+    m, c["mlp_c_proj"] = projection_forward(m, p, h + "mlp.c_proj", hooks)                 # (B,T,4C) -> (B,T,C)
+    m, c["mlp_branch"] = hooks.branch(h + "mlp", m)                                        # (B,T,C)
+    x = x + m                                                                              # residual
+    c["present"] = c["attn"][1], c["attn"][2]      # this block's keys and values (B,NH,P+T,hs): the KV cache
+    return x, c
 
 
-def block_backward(dx, cache, i, trainable, grads):
+def block_backward(dx, c, i, trainable, grads, hooks):
     """The forward in reverse. Returns dx (B,T,C) and the gradients of the past keys and values."""
-    c_ln1, c_attn, c_att, c_aproj, c_ad1, c_ln2, c_fc, c_gelu, c_mproj, c_ad2 = cache
     h = f"h.{i}."
     # x = x + m: the residual hands dx to both branches
-    dm = maybe_adapter_backward(dx, c_ad2, trainable, grads)
-    dm = projection_backward(dm, c_mproj, trainable, grads)
-    dm = gelu_backward(dm, c_gelu)
-    dm = projection_backward(dm, c_fc, trainable, grads)
-    dx = dx + layernorm_params_backward(dm, c_ln2, h + "ln_2", trainable, grads)
+    dm = hooks.branch_backward(dx, c["mlp_branch"], grads)
+    dm = projection_backward(dm, c["mlp_c_proj"], h + "mlp.c_proj", trainable, grads, hooks)
+    dm = gelu_backward(dm, c["gelu"])
+    dm = projection_backward(dm, c["c_fc"], h + "mlp.c_fc", trainable, grads, hooks)
+    dx = dx + layernorm_params_backward(dm, c["ln_2"], h + "ln_2", trainable, grads)
     # x = x + a
-    da = maybe_adapter_backward(dx, c_ad1, trainable, grads)
-    da = projection_backward(da, c_aproj, trainable, grads)
-    da, dpast_k, dpast_v = attention_backward(da, c_att)
-    da = projection_backward(da, c_attn, trainable, grads)
-    dx = dx + layernorm_params_backward(da, c_ln1, h + "ln_1", trainable, grads)
+    da = hooks.branch_backward(dx, c["attn_branch"], grads)
+    da = projection_backward(da, c["attn_c_proj"], h + "attn.c_proj", trainable, grads, hooks)
+    da, dpast_k, dpast_v = attention_backward(da, c["attn"])
+    da = projection_backward(da, c["c_attn"], h + "attn.c_attn", trainable, grads, hooks)
+    dx = dx + layernorm_params_backward(da, c["ln_1"], h + "ln_1", trainable, grads)
     return dx, dpast_k, dpast_v
 
 
 # ----------------------------------------------------------------------------------------------------
 # the whole model
 
-def prefix_as_past(p, i, B, n_head):
-    """Layer i's learned prefix (P,C) as keys and values (B,NH,P,hs), or (None, None)."""
-    key = f"h.{i}.attn.prefix_k"
-    if key not in p:
-        return None, None
-    heads = lambda a: np.broadcast_to(a.reshape(a.shape[0], n_head, -1).transpose(1, 0, 2)[None],
-                                      (B, n_head, a.shape[0], a.shape[1] // n_head))
-    return heads(p[key]), heads(p[f"h.{i}.attn.prefix_v"])   # (P,C) -> (B,NH,P,hs)
-
-
-def is_int(v):
-    """An integer, and not a bool (True would silently mean 1)."""
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def is_number(v):
-    """A finite real number, and not a bool."""
-    if is_int(v):
-        return True
-    return isinstance(v, (float, np.floating)) and bool(np.isfinite(v))
-
-
-def as_array(x, what, hint="every row needs the same length"):
-    """np.asarray(x), with a clear error for what numpy cannot make an array of (ragged nested lists)."""
-    try:
-        return np.asarray(x)
-    except (ValueError, TypeError):
-        raise ValueError(f"{what} is not an array: nested lists of different lengths? ({hint})") from None
-
-
-def check_weights(name, value, shape, hint):
-    """value as an array that can be loaded into the parameter `name` of this shape, or a ValueError
-    saying what is wrong with it (hint: the likely cause of a shape mismatch)."""
-    a = as_array(value, f"{name} in the state dict")
-    if a.shape != shape:
-        raise ValueError(f"{name} has shape {a.shape} in the state dict but {shape} in this model; {hint}")
-    if a.dtype.kind not in "iuf":
-        raise ValueError(f"{name} in the state dict has dtype {a.dtype}; parameters are real numbers")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} in the state dict holds nan or inf values; was it saved from a run that diverged?")
-    return a
-
-
-def check_tokens(idx, vocab_size, what="idx"):
-    """Raise a clear error for token ids that are not a (B,T) integer array inside the vocabulary."""
-    idx = as_array(idx, what, "pad the sequences of a batch to one length")
-    if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
-        raise ValueError(f"{what} must be a 2-D integer array of token ids (batch, time), got shape "
-                         f"{idx.shape} and dtype {idx.dtype}; wrap a single sequence as idx[None, :]")
-    if idx.size == 0:
-        raise ValueError(f"{what} is empty (shape {idx.shape}); give at least one sequence of at least one token")
-    bad = np.argwhere((idx < 0) | (idx >= vocab_size))
-    if len(bad):
-        b, t = bad[0]
-        raise ValueError(f"{what}[{b}, {t}] = {idx[b, t]} is not a token id: ids must lie in [0, {vocab_size}) "
-                         f"(vocab_size); encode text with the model's tokenizer")
-    return idx
-
-
-def gpt_forward(p, idx, config, targets=None, past=None, lora=None):
-    """The forward pass of GPT-2 (and of every fine-tuning method: see the module docstring).
+def gpt_forward(p, idx, config, targets=None, past=None, hooks=NO_HOOKS):
+    """The forward pass of GPT-2 (and, through hooks, of every fine-tuning method).
 
     Inputs:
       p        parameter dict
       idx      (B,T) token ids
       targets  (B,T) the next token at each position, IGNORE_INDEX where nothing is to be predicted
       past     per layer (k, v) each (B,NH,P,hs): a KV cache from an earlier call, or None
-      lora     {'scale', 'dropout', 'rng'} for LoRA keys (defaults: scale 1, no dropout)
+      hooks    a fine-tuning method's Hooks (default: none)
     Returns: logits (B,T,V) for the T real tokens, loss (float or None), cache (for gpt_backward, and
     cache['present'], the KV cache to continue from).
     """
     idx = check_tokens(idx, config.vocab_size)
+    if targets is not None:
+        targets = check_targets(targets, idx, config.vocab_size)
     B, T = idx.shape
-    NH, L = config.n_head, config.n_layer
-    lora = {"scale": 1.0, "dropout": 0.0, "rng": None, **(lora or {})}
-    first_call = past is None
-    if first_call:   # a learned prefix is a KV cache that is there before the first token
-        past = [prefix_as_past(p, i, B, NH) for i in range(L)]
+    p = hooks.params(p)
+    first_call = past is None                     # a prefix or a prompt comes before the first token only
+    if first_call:
+        past = [hooks.past(i, B) for i in range(config.n_layer)]
     P = 0 if past[0][0] is None else past[0][0].shape[2]
 
     x, c_wte = embedding_forward(idx, p["wte.weight"])                          # (B,T,C)
-    n_prompt = 0
-    if first_call and "prompt_embeddings" in p:   # prompt tuning: learned vectors before the tokens
-        prompt = p["prompt_embeddings"]                                         # (n_prompt,C)
-        n_prompt = prompt.shape[0]
-        x = np.concatenate([np.broadcast_to(prompt, (B,) + prompt.shape), x], axis=1)   # (B,n_prompt+T,C)
+    prompt = hooks.prompt(B) if first_call else None                            # (B,n_prompt,C) or None
+    n_prompt = 0 if prompt is None else prompt.shape[1]
+    if n_prompt:
+        x = np.concatenate([prompt, x], axis=1)                                 # (B,n_prompt+T,C)
     T_all = x.shape[1]
     if P + T_all > config.block_size:
         raise ValueError(f"sequence too long: {P} past + {n_prompt} virtual + {T} real tokens = {P + T_all} "
                          f"positions, but block_size is {config.block_size}; shorten the input")
     x = x + p["wpe.weight"][P:P + T_all]                 # positions continue after the past, as in GPT-2
     blocks = []
-    for i in range(L):
-        x, c = block_forward(x, p, i, NH, past[i], lora)
+    for i in range(config.n_layer):
+        x, c = block_forward(x, p, i, config.n_head, past[i], hooks)
         blocks.append(c)
     x, c_lnf = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])          # (B,T_all,C)
     x = x[:, n_prompt:]                                  # only real tokens are read out
@@ -317,20 +244,9 @@ def gpt_forward(p, idx, config, targets=None, past=None, lora=None):
 
     loss, c_loss = None, None
     if targets is not None:
-        targets = as_array(targets, "targets", "targets need the shape of idx")
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets has shape {targets.shape} but idx has shape {idx.shape}; they must match")
-        if not np.issubdtype(targets.dtype, np.integer):
-            raise ValueError(f"targets must be integer token ids, got dtype {targets.dtype}")
-        bad = np.argwhere((targets != IGNORE_INDEX) & ((targets < 0) | (targets >= config.vocab_size)))
-        if len(bad):
-            b, t = bad[0]
-            raise ValueError(f"targets[{b}, {t}] = {targets[b, t]} is not a token id: targets must lie in "
-                             f"[0, {config.vocab_size}) or be {IGNORE_INDEX} (ignored)")
         loss, c_loss = cross_entropy_forward(logits.reshape(B * T, -1), targets.reshape(-1))
-    cache = dict(config=config, p=p, x=x, n_prompt=n_prompt, first_call=first_call, c_wte=c_wte,
-                 blocks=blocks, c_lnf=c_lnf, c_loss=c_loss,
-                 present=[(c[2][1], c[2][2]) for c in blocks])   # each block's attention keys and values
+    cache = dict(config=config, p=p, hooks=hooks, x=x, P=P, n_prompt=n_prompt, first_call=first_call,
+                 c_wte=c_wte, blocks=blocks, c_lnf=c_lnf, c_loss=c_loss, present=[c["present"] for c in blocks])
     return logits, loss, cache
 
 
@@ -339,39 +255,38 @@ def gpt_backward(cache, trainable):
 
     Frozen parameters get no gradient computed at all: the gradient still flows through them to what
     lies below, but their weight gradients are skipped.
-    Inputs: cache from gpt_forward (called with targets); trainable, a set of parameter names.
+    Inputs: cache from gpt_forward (called with targets); trainable, a set of the base's parameter names
+    (a method's hooks add the gradients of its own parameters).
     Returns: grads, {name: gradient} for the trainable names that took part in the forward.
     """
     if cache is None or cache["c_loss"] is None:
         raise RuntimeError("backward() needs a forward pass with targets first: call forward(idx, targets)")
-    p, config = cache["p"], cache["config"]
+    p, hooks, config = cache["p"], cache["hooks"], cache["config"]
     B, T, C = cache["x"].shape
+    n_prompt, P = cache["n_prompt"], cache["P"]
     grads = {}
     dlogits = cross_entropy_backward(1.0, cache["c_loss"]).reshape(B, T, -1)    # dloss/dloss = 1
     # forward was: logits = x @ wte^T
     dx = dlogits @ p["wte.weight"]                                              # (B,T,V) @ (V,C) -> (B,T,C)
     if "wte.weight" in trainable:
         grads["wte.weight"] = dlogits.reshape(-1, dlogits.shape[-1]).T @ cache["x"].reshape(-1, C)  # (V,C)
-    n_prompt = cache["n_prompt"]
     if n_prompt:   # forward was: x = x[:, n_prompt:]
         dx = np.concatenate([np.zeros((B, n_prompt, C), dx.dtype), dx], axis=1)
     dx = layernorm_params_backward(dx, cache["c_lnf"], "ln_f", trainable, grads)
     for i in reversed(range(config.n_layer)):
-        dx, dpast_k, dpast_v = block_backward(dx, cache["blocks"][i], i, trainable, grads)
-        key = f"h.{i}.attn.prefix_k"
-        if cache["first_call"] and key in trainable:   # the prefix was shared by the whole batch
-            to_prefix = lambda d: d.sum(axis=0).transpose(1, 0, 2).reshape(d.shape[2], C)   # (B,NH,P,hs) -> (P,C)
-            grads[key], grads[f"h.{i}.attn.prefix_v"] = to_prefix(dpast_k), to_prefix(dpast_v)
+        dx, dpast_k, dpast_v = block_backward(dx, cache["blocks"][i], i, trainable, grads, hooks)
+        if cache["first_call"] and dpast_k is not None:      # the method's past, not an earlier call's
+            hooks.past_backward(i, dpast_k, dpast_v, grads)
     # forward was: x = tokens + wpe[P:P+T_all]
-    P = cache["present"][0][0].shape[2] - dx.shape[1]
     if "wpe.weight" in trainable:
         dwpe = np.zeros_like(p["wpe.weight"])
         dwpe[P:P + dx.shape[1]] = dx.sum(axis=0)
         grads["wpe.weight"] = dwpe
-    if n_prompt and "prompt_embeddings" in trainable:
-        grads["prompt_embeddings"] = dx[:, :n_prompt].sum(axis=0)
+    if n_prompt:
+        hooks.prompt_backward(dx[:, :n_prompt], grads)
     if "wte.weight" in trainable:   # wte is used twice, as the head and as the embedding: sum both
         grads["wte.weight"] += embedding_backward(dx[:, n_prompt:], cache["c_wte"])
+    hooks.params_backward(grads)
     return grads
 
 

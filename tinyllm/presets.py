@@ -15,6 +15,7 @@ from typing import Callable
 from .peft import AdapterConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
 
 SWEEPS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweeps")
+DEFAULT_TASK = "extract"          # the lab's task (tinyllm.tasks): read one field off a sentence
 
 
 @dataclass(frozen=True)
@@ -101,3 +102,8 @@ def sweep_variants(task_name, folder=None):
             with open(path) as f:
                 out[group] = json.load(f)
     return out
+
+
+def tuned_lrs(task_name=DEFAULT_TASK):
+    """{method: learning rate} as the sweep chose them for the task (or the presets' fallbacks)."""
+    return {m: t["lr"] for m, t in tuned(task_name).items()}

@@ -10,10 +10,11 @@ stopped while its loss still falls is measured on how fast it starts, not where 
      the ladder 1e-5, 3e-5, 1e-4, ...; a best lr at the edge of those tried gets the next rung tried too
   2. each (S, lr) trains SEEDS times; its score is the mean final validation loss
   3. the budget has flattened when doubling it lowers the best score by less than REL_TOL of it (or by
-     less than ABS_TOL nats): the method's budget is S, at its best lr there; otherwise 1000 steps, marked
-     not flattened
+     less than ABS_TOL nats, for a loss already near zero): the method's budget is S, at its best lr
+     there; otherwise the largest budget, marked not flattened, with what doubling gained on record
 Then the variants the tuning claims need (tinyllm.presets.VARIANTS: LoRA rank and placement, prefix length
-and initialisation): each at its method's budget, at the method's lr and 3x either side, three seeds.
+and initialisation): each at its method's budget, its lr the best of the method's and one rung either side
+(one seed each), then three seeds at that lr.
 
 Every result goes to tinyllm/sweeps/<task>/<method>.json (variants_<group>.json for the variants), which
 the repository keeps and `compare` reads. One method runs in about two to ten minutes on 2 cores, the
@@ -39,7 +40,7 @@ BATCH_SIZE = 8                    # examples per step, in the sweep and in compa
 SEEDS = (1000, 1001)              # seeds of the sweep's runs: apart from compare's (0, 1, 2, ...)
 VARIANT_SEEDS = (1000, 1001, 1002)
 N_VAL = 100                       # validation examples in the validation loss
-REL_TOL, ABS_TOL = 0.05, 0.01     # "flattened": doubling the budget gains less than 5% (or 0.01 nats)
+REL_TOL, ABS_TOL = 0.05, 0.02     # "flattened": doubling the budget gains less than 5%, or less than 0.02 nats
 
 
 def train_once(base, tok, task, config, lr, steps, seed, echo):
@@ -107,8 +108,9 @@ def sweep_method(base, tok, task, method, echo=default_out, budgets=BUDGETS, see
 
 
 def sweep_variants(base, tok, task, group, lrs_steps, echo=default_out, seeds=VARIANT_SEEDS, done=None):
-    """One VARIANTS group: every setting at its method's budget and lr, and 3x either side. done: {method:
-    result} of the method's own setting, shared by its groups (it runs once)."""
+    """One VARIANTS group: every setting at its method's budget; its lr the best of the method's and one rung
+    either side (one seed each), then every seed at that lr. done: {method: result} of the method's own
+    setting, shared by its groups (it runs once)."""
     method, configs = VARIANTS[group]
     lr, steps = lrs_steps[method]["lr"], lrs_steps[method]["steps"] or BUDGETS[-1]
     out = {"group": group, "method": method, "steps": steps, "settings": {}}
@@ -118,18 +120,16 @@ def sweep_variants(base, tok, task, group, lrs_steps, echo=default_out, seeds=VA
             out["settings"][label] = done[method]
             continue
         echo(f"{group} {label}: {steps} steps")
-        scores, runs = {}, []
-        for x in (step_on_ladder(lr, -1), lr, step_on_ladder(lr, 1)):
-            ran = [train_once(base, tok, task, variant_config(group, label, task), x, steps, seed, echo)
-                   for seed in seeds]
-            runs += ran
-            scores[x] = float(np.mean([r["val_loss"] for r in ran]))
-        best = min(scores, key=scores.get)
+        config = lambda: variant_config(group, label, task)
+        tried = [train_once(base, tok, task, config(), x, steps, seeds[0], echo)
+                 for x in (step_on_ladder(lr, -1), lr, step_on_ladder(lr, 1)) if x is not None]
+        best = min(tried, key=lambda r: r["val_loss"])["lr"]
+        runs = tried + [train_once(base, tok, task, config(), best, steps, seed, echo) for seed in seeds[1:]]
         out["settings"][label] = {
             "lr": best, "val_losses": [r["val_loss"] for r in runs if r["lr"] == best],
-            "scores": {f"{x:g}": v for x, v in scores.items()}, "runs": runs,
+            "scores": {f"{r['lr']:g}": r["val_loss"] for r in tried}, "runs": runs,
             "trainable_params": runs[0]["trainable_params"], "main": configs[label] is None,
-            "config": variant_config(group, label, task).to_dict()}
+            "config": config().to_dict()}
         if configs[label] is None:
             done[method] = out["settings"][label]
     return out

@@ -22,12 +22,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .data import AGE_RANGE, ATTRIBUTES, CITIES, COLORS, JOBS, PET_NAMES, PETS, TEMPLATES, _pick, fact_sentence
+from .data import (AGE_RANGE, ATTRIBUTES, CLAUSES, INVENTED_NAMES, TEMPLATES, VALUES, _pick, fact_sentence,
+                   invented_person, state)
 from .layers import IGNORE_INDEX   # a target the loss skips
 from .model import is_int
 
 MAX_EXAMPLE_CHARS = 100     # prompt + answer; leaves room in a 128-token context for prefix/prompt tokens
-VALUES = {"city": CITIES, "job": JOBS, "pet": PETS, "pet_name": PET_NAMES, "color": COLORS}
 
 
 @dataclass(repr=False)
@@ -72,23 +72,16 @@ def _other_value(attr, true_value, rng):
 # a task measures who may train a new symbol, not the methods; record_symbols keeps that effect for the
 # lesson that shows it (lessons/17_new_tokens.py), and tests check every lab task against the corpus.
 
-INVENTED_NAMES = ("kim", "ada", "bob", "eve", "ugo", "ines", "joe", "tim", "pia", "ola", "ray", "sue",
-                  "ned", "liv", "abe", "fay", "gil", "hal", "ida", "kit", "lou", "meg", "ron", "val")
 RECORD_FIELDS = ("city", "job", "age", "pet", "color")    # the order of the fields in a record
 EXTRACT_FIELDS = ("city", "job", "pet", "color")          # words the pretrained model knows; no ages to copy
-CLAUSES = {"city": ("lives in {v}", "is from {v}"), "job": ("works as a {v}", "is a {v}"),
-           "age": ("is {v}", "is aged {v}"), "pet": ("has a {v}", "owns a {v}"),
-           "color": ("likes {v}", "loves {v}")}
 
 
 def _invented_person(rng, fields):
-    """An invented person (so no example contradicts pretraining) with 2 or 3 of the fields, and a sentence
-    stating them in random order: ('kim', {'job': 'baker', 'pet': 'cat'}, 'kim owns a cat and is a baker.')."""
-    name = _pick(rng, INVENTED_NAMES)
-    chosen = [fields[i] for i in sorted(rng.choice(len(fields), int(rng.integers(2, 4)), replace=False))]
-    values = {f: str(rng.integers(*AGE_RANGE)) if f == "age" else _pick(rng, VALUES[f]) for f in chosen}
-    clauses = [_pick(rng, CLAUSES[f]).format(v=values[f]) for f in rng.permutation(chosen)]
-    return name, values, f"{name} {', '.join(clauses[:-1])} and {clauses[-1]}."
+    """An invented person (data.INVENTED_NAMES: training on it never contradicts pretraining) with 2 or 3
+    of the fields, and a sentence stating them: ('kim', {'job': 'baker', 'pet': 'cat'}, 'kim owns a cat
+    and is a baker.')."""
+    name, values = invented_person(rng, fields)
+    return name, values, state(name, values, rng)
 
 
 def _extract_example(rng):
@@ -139,14 +132,17 @@ def format_ok(predictions, task):
 
 
 def record_scores(predictions, answers):
-    """For the record tasks: how many of the answers' fields (name included) each prediction has right.
-    Returns {'field_accuracy': fields right / fields asked}."""
-    sep = "|" if "|" in answers[0] else ", "
+    """For the record tasks (either writing): how often the answer has the record's structure, and how
+    many of the answers' fields (name included) the predictions have right.
+    Returns {'format_rate', 'field_accuracy': fields right / fields asked}."""
+    symbols = "|" in answers[0]
+    sep, pattern = ("|", FORMATS["record_symbols"]) if symbols else (", ", FORMATS["record"])
     hits, total = 0, 0
     for pred, answer in zip(predictions, answers):
         want, got = answer.strip().split(sep), set(pred.strip().split(sep))
         hits, total = hits + sum(w in got for w in want), total + len(want)
-    return {"field_accuracy": hits / total}
+    return {"format_rate": float(np.mean([bool(re.fullmatch(pattern, p)) for p in predictions])),
+            "field_accuracy": hits / total}
 
 
 def make_extract_task(world=None, seed=0, n_train=2000, n_val=200, n_test=200):

@@ -3,20 +3,100 @@ LoRA (Hu et al., 2021): a frozen linear y = x @ W + b learns only a low-rank upd
 
     y = x @ W + b + scale * (x @ A) @ B        A (in,r), B (r,out), scale = lora_alpha / r
 
-so a layer with in*out weights trains r*(in+out) numbers. B starts at zero: the model starts exactly
-equal to the base. The forward/backward pair is in tinyllm/layers.py (lora_forward, lora_backward);
-the model adds it to every linear that has `<name>.lora_A` and `<name>.lora_B` keys. This file finds
-the targets, makes the keys, and merges them into W.
+so a layer with in*out weights trains r*(in+out) numbers. B starts at zero: the model starts exactly equal
+to the base. Keys: <linear>.lora_A, <linear>.lora_B (h.0.attn.c_attn.q.lora_A: on the q third of the fused
+c_attn only, as the paper put LoRA on Wq and Wv). The pair itself is in tinyllm/layers.py (lora_forward,
+lora_backward); LoraHooks adds it to every linear that has keys.
+
+trainable_token_indices (PEFT's option of the same name) also trains those rows of the token embedding,
+which GPT-2's tied head shares: a token pretraining never showed can then be learned without training the
+whole embedding. The key wte.trainable_tokens_delta holds the rows' new values, as PEFT's does.
+
+Legend: r rank, N = B*T rows, n indices.
 """
 import re
+from dataclasses import dataclass
+from typing import List, Optional, Union
 
 import numpy as np
 
-from .config import check_layers
+from ..checks import blocks_exist, block_list, choice, flag, is_int, positive_int, positive_number
+from ..layers import lora_backward, lora_forward
+from ..model import Hooks, param_shapes
+from .config import PeftConfig
+from .method import Method, register_peft_method
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """LoRA: W x + b  ->  W x + b + scale * B(A(x)), with only A and B trained.
+
+    target_modules: names matched by suffix ("c_proj" means attn.c_proj and mlp.c_proj), or one regular
+        expression matched against the whole module name. tinyllm adds "c_attn.q", "c_attn.k", "c_attn.v":
+        LoRA on one third of the fused q|k|v projection, as the LoRA paper put it on Wq and Wv.
+    scale = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+    bias: "none", "all" (every bias of the model trains too) or "lora_only" (the targeted layers' biases).
+    init_lora_weights: True (A Kaiming-uniform, B zero: the model starts unchanged), "gaussian"
+        (A normal with std 1/r, B zero) or False (B random too: for tests, not a no-op).
+    layers_to_transform: block indices to put LoRA in (all blocks when None).
+    trainable_token_indices: token ids whose embedding rows train too (shared with the tied LM head).
+    """
+    peft_type = "LORA"
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: Optional[Union[List[str], str]] = None
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    layers_to_transform: Optional[List[int]] = None
+    trainable_token_indices: Optional[List[int]] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive_int("LoraConfig", "r", self.r)
+        positive_number("LoraConfig", "lora_alpha", self.lora_alpha)
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
+                or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        choice("LoraConfig", "bias", self.bias, ("none", "all", "lora_only"))
+        flag("LoraConfig", "use_rslora", self.use_rslora)
+        choice("LoraConfig", "init_lora_weights", self.init_lora_weights, (True, False, "gaussian"))
+        if self.target_modules is None:
+            self.target_modules = ["c_attn"]            # PEFT's default for GPT-2
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ValueError(f"LoraConfig.target_modules {self.target_modules!r} is not a valid regular "
+                                 f"expression ({e}); or give a list of names, e.g. ['c_attn']") from None
+        elif isinstance(self.target_modules, (list, tuple)) and self.target_modules \
+                and all(isinstance(t, str) and t for t in self.target_modules):
+            self.target_modules = list(self.target_modules)
+        else:
+            raise ValueError(f"LoraConfig.target_modules must be a non-empty list of module names or one regular "
+                             f"expression, got {self.target_modules!r}; e.g. ['c_attn']")
+        self.layers_to_transform = block_list("LoraConfig", self.layers_to_transform)
+        tokens = self.trainable_token_indices
+        if tokens is not None:
+            if not isinstance(tokens, (list, tuple)) or not tokens or not all(is_int(t) and t >= 0 for t in tokens) \
+                    or len(set(tokens)) != len(tokens):
+                raise ValueError(f"LoraConfig.trainable_token_indices must be None or a list of distinct token ids "
+                                 f"(ints >= 0), got {tokens!r}")
+            self.trainable_token_indices = [int(t) for t in tokens]
+
+    @property
+    def scale(self):
+        return self.lora_alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+
+
+# ----------------------------------------------------------------------------------------------------
+# which linears, and their sizes
 
 # the linears of block i that LoRA can attach to, and their (in, out) sizes in units of C
 LINEARS = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4), "mlp.c_proj": (4, 1),
            "attn.c_attn.q": (1, 1), "attn.c_attn.k": (1, 1), "attn.c_attn.v": (1, 1)}
+TOKENS = "wte.trainable_tokens_delta"
 
 
 def module_shapes(model_config):
@@ -29,6 +109,16 @@ def module_shapes(model_config):
 def fused_module(name):
     """The linear a LoRA module sits on: a c_attn slice ('h.0.attn.c_attn.q') is part of 'h.0.attn.c_attn'."""
     return name[:-2] if name[-2:] in (".q", ".k", ".v") else name
+
+
+def lora_parts(name, n_out):
+    """The LoRA key prefixes a linear can carry and the output columns each one updates: the whole linear,
+    and for the fused c_attn each of its q, k, v thirds."""
+    parts = [(name, slice(None))]
+    if name.endswith("c_attn"):
+        C = n_out // 3
+        parts += [(f"{name}.{s}", slice(j * C, (j + 1) * C)) for j, s in enumerate("qkv")]
+    return parts
 
 
 def find_targets(config, model_config):
@@ -52,7 +142,7 @@ def find_targets(config, model_config):
                                  f"{valid} (or full names such as 'h.0.attn.c_attn')")
             targets += [n for n in hits if n not in targets]
     if config.layers_to_transform is not None:
-        check_layers(config, model_config.n_layer)
+        blocks_exist("LoraConfig", config.layers_to_transform, model_config.n_layer)
         targets = [n for n in targets if int(n.split(".")[1]) in config.layers_to_transform]
         if not targets:
             raise ValueError("LoraConfig.layers_to_transform leaves no target module")
@@ -63,81 +153,149 @@ def find_targets(config, model_config):
         if config.r > min(shapes[n]):
             raise ValueError(f"LoraConfig.r = {config.r} is larger than the layer {n} {shapes[n]}: a rank-r update "
                              f"needs r <= min(in, out) = {min(shapes[n])}")
+    if config.trainable_token_indices and max(config.trainable_token_indices) >= model_config.vocab_size:
+        raise ValueError(f"LoraConfig.trainable_token_indices {config.trainable_token_indices} holds an id outside "
+                         f"the vocabulary [0, {model_config.vocab_size})")
     return targets
 
 
-def init_lora(config, model_config, rng, dtype):
-    """{'<module>.lora_A': (in,r), '<module>.lora_B': (r,out)} for every target.
-
-    A is Kaiming-uniform as in PEFT (torch's kaiming_uniform_ with a=sqrt(5), i.e. uniform within
-    +-1/sqrt(in)), B is zero, so that A @ B = 0 and the model starts as the base model.
-    """
-    shapes = module_shapes(model_config)
-    params = {}
-    for name in find_targets(config, model_config):
-        n_in, n_out = shapes[name]
-        if config.init_lora_weights == "gaussian":
-            A = rng.normal(0.0, 1.0 / config.r, (n_in, config.r))
-        else:
-            A = rng.uniform(-1.0, 1.0, (n_in, config.r)) / np.sqrt(n_in)
-        B = np.zeros((config.r, n_out))
-        if config.init_lora_weights is False:   # a non-zero start, for tests of the update itself
-            B = rng.uniform(-1.0, 1.0, (config.r, n_out)) / np.sqrt(config.r)
-        params[name + ".lora_A"], params[name + ".lora_B"] = A.astype(dtype), B.astype(dtype)
-    return params
-
-
-def bias_names(config, adapter, base_params):
+def bias_names(config, mc):
     """The base biases that train along with LoRA: none, all of them, or those of the targeted layers."""
+    biases = [k for k in param_shapes(mc) if k.endswith(".bias")]
     if config.bias == "all":
-        return [k for k in base_params if k.endswith(".bias")]
+        return biases
     if config.bias == "lora_only":
-        linears = {fused_module(k[:-len(".lora_A")]) for k in adapter if k.endswith(".lora_A")}
-        return [k for k in base_params if k.endswith(".bias") and k[:-len(".bias")] in linears]
+        linears = {fused_module(t) for t in find_targets(config, mc)}
+        return [k for k in biases if k[:-len(".bias")] in linears]
     return []
 
-
-def merged_weights(adapter):
-    """The base weight names a merge of this adapter changes (a sliced c_attn's once)."""
-    modules = [k[:-len(".lora_A")] for k in adapter if k.endswith(".lora_A")]
-    return sorted({fused_module(m) + ".weight" for m in modules})
+# ----------------------------------------------------------------------------------------------------
+# the forward and backward
 
 
-def merge(base_params, adapter, scale, sign=1.0):
-    """W += sign * scale * A @ B for every LoRA pair in adapter, in place; sign -1 undoes a merge
-    (up to float rounding)."""
-    for key in adapter:
-        if not key.endswith(".lora_A"):
-            continue
-        module = key[:-len(".lora_A")]
-        delta = sign * scale * (adapter[key] @ adapter[module + ".lora_B"])    # (in,r) @ (r,out) -> (in,out)
-        part = module.rsplit(".", 1)[-1]
-        if part in ("q", "k", "v"):     # a slice of the fused c_attn
+class LoraHooks(Hooks):
+    """A linear with LoRA keys adds scale * (x A) B to its output (to a third of it for a c_attn slice);
+    with trainable tokens, the model runs on wte with those rows replaced."""
+
+    def __init__(self, own, scale, dropout, rng, train, tokens):
+        self.own, self.scale, self.dropout, self.rng, self.train = own, scale, dropout, rng, train
+        self.tokens = tokens                      # trainable token ids, or None
+        self.base_grads = {"wte.weight"} if tokens and train else set()
+
+    def params(self, p):
+        if not self.tokens:
+            return p
+        wte = p["wte.weight"].copy()
+        wte[self.tokens] = self.own[TOKENS]                     # (n,C) rows replaced, as PEFT's index_copy
+        return {**p, "wte.weight": wte}
+
+    def params_backward(self, grads):
+        if self.tokens and self.train:       # the replaced rows' gradient is the delta's (head + embedding)
+            grads[TOKENS] = grads.pop("wte.weight")[self.tokens]
+
+    def linear(self, name, x, w, b):
+        out, c_lin = super().linear(name, x, w, b)                 # x @ W + b, the frozen part
+        caches = []
+        for key, cols in lora_parts(name, out.shape[-1]):
+            if key + ".lora_A" not in self.own:
+                continue
+            keep = None
+            if self.dropout > 0 and self.rng is not None:          # dropout on the LoRA path's input only
+                keep = (self.rng.random(x.shape) >= self.dropout).astype(x.dtype) / (1.0 - self.dropout)
+            delta, c = lora_forward(x, self.own[key + ".lora_A"], self.own[key + ".lora_B"], self.scale, keep)
+            out[..., cols] += delta
+            caches.append((key, cols, c))
+        return out, (c_lin, caches)
+
+    def linear_backward(self, dout, cache, need_dw, need_db, grads):
+        c_lin, caches = cache
+        dx, dw, db = super().linear_backward(dout, c_lin, need_dw, need_db, grads)
+        for key, cols, c in caches:
+            dx_lora, dA, dB = lora_backward(dout[..., cols], c)
+            dx += dx_lora                                          # x feeds both the frozen W and the LoRA path
+            if self.train:
+                grads[key + ".lora_A"], grads[key + ".lora_B"] = dA, dB
+        return dx, dw, db
+
+
+class Lora(Method):
+    config_class = LoraConfig
+
+    def init(self, config, model, rng, tokenizer):
+        """A is Kaiming-uniform as in PEFT (torch's kaiming_uniform_ with a=sqrt(5): uniform within
+        +-1/sqrt(in)), B is zero, so that A @ B = 0 and the model starts as the base model."""
+        shapes = module_shapes(model.config)
+        params = {}
+        for name in find_targets(config, model.config):
+            n_in, n_out = shapes[name]
+            if config.init_lora_weights == "gaussian":
+                A = rng.normal(0.0, 1.0 / config.r, (n_in, config.r))
+            else:
+                A = rng.uniform(-1.0, 1.0, (n_in, config.r)) / np.sqrt(n_in)
+            B = np.zeros((config.r, n_out))
+            if config.init_lora_weights is False:   # a non-zero start, for tests of the update itself
+                B = rng.uniform(-1.0, 1.0, (config.r, n_out)) / np.sqrt(config.r)
+            params[name + ".lora_A"], params[name + ".lora_B"] = A.astype(model.dtype), B.astype(model.dtype)
+        if config.trainable_token_indices:          # the rows as they are: the model starts unchanged
+            params[TOKENS] = model.params["wte.weight"][config.trainable_token_indices].copy()
+        return params
+
+    def base_trainable(self, config, model, params):
+        return bias_names(config, model.config)
+
+    def added_count(self, config, mc):
+        shapes = module_shapes(mc)
+        tokens = len(config.trainable_token_indices or ()) * mc.n_embd
+        return sum(config.r * sum(shapes[n]) for n in find_targets(config, mc)) + tokens
+
+    def trainable_count(self, config, mc):
+        shapes = param_shapes(mc)
+        return self.added_count(config, mc) + sum(shapes[k][0] for k in bias_names(config, mc))
+
+    def formula(self, config, mc):
+        """e.g. 'LoRA r*(in+out) per module: 8*(128+384) x 4 attn.c_attn = 16,384'."""
+        shapes = module_shapes(mc)
+        kinds = {}
+        for n in find_targets(config, mc):
+            kinds.setdefault(n.split(".", 2)[2], []).append(n)
+        parts = [f"{config.r}*({shapes[ns[0]][0]}+{shapes[ns[0]][1]}) x {len(ns)} {k}" for k, ns in kinds.items()]
+        n_bias = self.trainable_count(config, mc) - self.added_count(config, mc)
+        if config.bias != "none":
+            parts.append(f"{'every bias' if config.bias == 'all' else 'their biases'} {n_bias:,}")
+        if config.trainable_token_indices:
+            n = len(config.trainable_token_indices)
+            parts.append(f"token rows n*C = {n}*{mc.n_embd}")
+        return "LoRA r*(in+out) per module: " + " + ".join(parts) + f" = {self.trainable_count(config, mc):,}"
+
+    def hooks(self, config, params, mc, rng=None, train=True):
+        return LoraHooks(params, config.scale, config.lora_dropout, rng, train, config.trainable_token_indices)
+
+    def activations(self, config, mc, B, T):
+        """x @ A, r numbers per token per targeted linear (the linear's input is cached by the base)."""
+        return B * T * config.r * len(find_targets(config, mc))
+
+    def merged_weights(self, config, params):
+        modules = {fused_module(k[:-len(".lora_A")]) + ".weight" for k in params if k.endswith(".lora_A")}
+        return sorted(modules | ({"wte.weight"} if TOKENS in params else set()))
+
+    def saved_arrays(self, config, params, model):
+        """Its parameters, and the base biases it trained (bias='all' or 'lora_only')."""
+        return {**params, **{k: model.params[k] for k in bias_names(config, model.config)}}
+
+    def merge(self, config, params, base_params):
+        """W += scale * A @ B for every LoRA pair (on its third for a c_attn slice); token rows written in."""
+        for key in params:
+            if not key.endswith(".lora_A"):
+                continue
+            module = key[:-len(".lora_A")]
+            delta = config.scale * (params[key] @ params[module + ".lora_B"])    # (in,r) @ (r,out) -> (in,out)
             W = base_params[fused_module(module) + ".weight"]
-            C = W.shape[0]
-            j = "qkv".index(part)
-            W[:, j * C:(j + 1) * C] += delta.astype(W.dtype)
-        else:
-            W = base_params[module + ".weight"]
-            W += delta.astype(W.dtype)
+            part = module.rsplit(".", 1)[-1]
+            cols = slice(None) if part not in ("q", "k", "v") else slice("qkv".index(part) * W.shape[0],
+                                                                         ("qkv".index(part) + 1) * W.shape[0])
+            W[:, cols] += delta.astype(W.dtype)
+        if TOKENS in params:
+            base_params["wte.weight"][config.trainable_token_indices] = params[TOKENS]
 
 
-def formula(config, model_config):
-    """How the trainable count comes about, e.g. 'r*(in+out) per module: 8*(128+384) x 4 modules = 16,384'."""
-    shapes = module_shapes(model_config)
-    targets = find_targets(config, model_config)
-    kinds = {}
-    for n in targets:
-        kinds.setdefault(n.split(".", 2)[2], []).append(n)
-    parts = [f"{config.r}*({shapes[ns[0]][0]}+{shapes[ns[0]][1]}) x {len(ns)} {k}" for k, ns in kinds.items()]
-    total = sum(config.r * sum(shapes[n]) for n in targets)
-    C, L = model_config.n_embd, model_config.n_layer
-    if config.bias == "all":            # per block: ln_1, c_attn (3C), attn.c_proj, ln_2, c_fc (4C), mlp.c_proj; and ln_f
-        parts.append(f"biases 11*C*L + C = {11 * C * L + C}")
-        total += 11 * C * L + C
-    elif config.bias == "lora_only":    # the targeted linears' own biases (a sliced c_attn has one bias)
-        modules = {fused_module(n) for n in targets}
-        n_bias = sum(shapes[m][1] for m in modules)
-        parts.append(f"their biases {n_bias}")
-        total += n_bias
-    return "LoRA r*(in+out) per module: " + " + ".join(parts) + f" = {total:,}"
+register_peft_method(Lora())

@@ -5,10 +5,10 @@ PeftModel: a frozen GPT plus the small set of parameters one fine-tuning method 
     pm.print_trainable_parameters()
     logits, loss = pm.forward(idx, targets); grads = pm.backward()     # grads: the method's keys only
 
-The forward is tinyllm.model.gpt_forward on one dict: the base parameters and the active adapter's keys
-together. The backward is gpt_backward with `trainable` set to the adapter's keys, so the base weights
-get no gradient computed at all. One base model can carry several named adapters (one per task); one
-of them is active at a time.
+The forward is tinyllm.model.gpt_forward on the base's parameters with the method's hooks (method.py: each
+method's module says what it does); the backward is gpt_backward with `trainable` the base names that
+train (none for a PEFT method), so the base weights get no gradient computed at all. One base model can
+carry several named adapters (one per task); one of them is active at a time.
 """
 import contextlib
 import hashlib
@@ -18,17 +18,12 @@ import os
 import numpy as np
 
 from ..checkpoint import CheckpointError, atomic_open, load_checkpoint, save_checkpoint
-from ..model import check_weights, generate, gpt_backward, gpt_forward
-from . import adapter as adapter_method
-from . import lora as lora_method
-from . import prefix as prefix_method
-from . import prompt as prompt_method
-from .config import (AdapterConfig, FullFineTuningConfig, LoraConfig, PeftConfig, PrefixTuningConfig,
-                     PromptTuningConfig)
+from ..checks import check_weights
+from ..model import NO_HOOKS, generate, gpt_backward, gpt_forward
+from .config import PeftConfig
+from .method import method_of
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.npz"
-METHODS = {LoraConfig: lora_method, PrefixTuningConfig: prefix_method, PromptTuningConfig: prompt_method,
-           AdapterConfig: adapter_method}
 
 
 def base_fingerprint(model):
@@ -41,20 +36,9 @@ def base_fingerprint(model):
     return h.hexdigest()[:16]
 
 
-def full_trainable_names(config, model):
-    """Full fine-tuning's trainable keys: all, or the last k blocks and the final layer norm."""
-    if config.last_k_blocks is None:
-        return list(model.params)
-    L = model.config.n_layer
-    if config.last_k_blocks > L:
-        raise ValueError(f"FullFineTuningConfig.last_k_blocks = {config.last_k_blocks} but the model has {L} blocks")
-    blocks = tuple(f"h.{i}." for i in range(L - config.last_k_blocks, L))
-    return [k for k in model.params if k.startswith(blocks) or k.startswith("ln_f.")]
-
-
 def reserved_positions(config):
-    """Context positions a method takes before the real tokens."""
-    return config.num_virtual_tokens if isinstance(config, (PrefixTuningConfig, PromptTuningConfig)) else 0
+    """Context positions a method's config takes before the real tokens."""
+    return method_of(config).reserved_positions(config)
 
 
 class PeftModel:
@@ -67,7 +51,7 @@ class PeftModel:
         self.active_adapter = None
         self.training = True                  # LoRA dropout is on only while training, as in torch
         self._disabled = False
-        self._merged = set()                  # LoRA adapters currently folded into the base weights
+        self._merged = set()                  # adapters currently folded into the base weights
         self._premerge = {}                   # their base weights from before the merge, for unmerge
         self._cache = None
         self._rng = np.random.default_rng(seed)   # initialisation, then LoRA dropout masks
@@ -81,31 +65,22 @@ class PeftModel:
 
     def add_adapter(self, adapter_name, peft_config):
         """Create a new adapter with freshly initialised parameters (it does not become active)."""
-        if not isinstance(peft_config, PeftConfig):
-            raise TypeError(f"expected a LoraConfig, PrefixTuningConfig, PromptTuningConfig, AdapterConfig or "
-                            f"FullFineTuningConfig, got {type(peft_config).__name__}")
+        method = method_of(peft_config)
         if not isinstance(adapter_name, str) or adapter_name in ("", ".", "..") or set(adapter_name) & set("/\\"):
             raise ValueError(f"adapter_name must be a non-empty string without '/' or '\\' (save_pretrained makes "
                              f"it a folder name), got {adapter_name!r}")
         if adapter_name in self.adapters:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another name")
         mc = self.base_model.config
-        room = reserved_positions(peft_config)
+        room = method.reserved_positions(peft_config)
         if room >= mc.block_size:
             raise ValueError(f"{type(peft_config).__name__}.num_virtual_tokens = {room} leaves no room in the "
                              f"context (block_size {mc.block_size}); use fewer than {mc.block_size} virtual tokens")
-        if isinstance(peft_config, FullFineTuningConfig):
-            full_trainable_names(peft_config, self.base_model)   # validates last_k_blocks
-            params = {}
-        else:
-            tokenizer = self._tokenizer
-            if tokenizer is None:
-                from ..tokenizer import default_tokenizer
-                tokenizer = default_tokenizer()
-            init = {LoraConfig: lambda c, m, rng, tok: lora_method.init_lora(c, m.config, rng, m.dtype),
-                    PrefixTuningConfig: prefix_method.init_prefix, PromptTuningConfig: prompt_method.init_prompt,
-                    AdapterConfig: adapter_method.init_adapters}[type(peft_config)]
-            params = init(peft_config, self.base_model, self._rng, tokenizer)
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            from ..tokenizer import default_tokenizer
+            tokenizer = default_tokenizer()
+        params = method.init(peft_config, self.base_model, self._rng, tokenizer)
         self.peft_config[adapter_name] = peft_config
         self.adapters[adapter_name] = params
 
@@ -117,8 +92,8 @@ class PeftModel:
             raise RuntimeError(f"adapter(s) {sorted(self._merged)} are merged into the base weights; "
                                f"unmerge_adapter() first")
         self.active_adapter = adapter_name
-        base = self.base_model
-        base.trainable = set(full_trainable_names(self.active_peft_config, base)) if self.is_full else set()
+        self.base_model.trainable = set(self.method.base_trainable(self.active_peft_config, self.base_model,
+                                                                   self.adapters[adapter_name]))
 
     def delete_adapter(self, adapter_name):
         if not isinstance(adapter_name, str) or adapter_name not in self.adapters:
@@ -149,9 +124,14 @@ class PeftModel:
         return self.peft_config[self.active_adapter]
 
     @property
+    def method(self):
+        """The active adapter's Method (tinyllm.peft.method): what the rest of tinyllm asks of it."""
+        return method_of(self.active_peft_config)
+
+    @property
     def reserved_positions(self):
         """Context positions the active method takes before the real tokens (prefix or prompt length)."""
-        return 0 if self._disabled else reserved_positions(self.active_peft_config)
+        return 0 if self._disabled else self.method.reserved_positions(self.active_peft_config)
 
     @property
     def rng(self):
@@ -161,7 +141,7 @@ class PeftModel:
 
     @property
     def is_full(self):
-        return isinstance(self.active_peft_config, FullFineTuningConfig)
+        return self.method.trains_base
 
     def train(self):
         self.training = True
@@ -174,17 +154,12 @@ class PeftModel:
     # ---- which numbers train -------------------------------------------------------------------------
 
     def trainable_parameters(self):
-        """{name: live array} that an optimizer updates: the active adapter's (plus base biases for
-        LoraConfig(bias='all'|'lora_only')), or the base weights for full fine-tuning."""
+        """{name: live array} that an optimizer updates: the active adapter's own, and the base's that its
+        method trains (every weight for full fine-tuning, biases for LoraConfig(bias='all'|'lora_only'))."""
         if self.active_peft_config.inference_mode:
             return {}
         base = self.base_model.params
-        if self.is_full:
-            return {k: base[k] for k in full_trainable_names(self.active_peft_config, self.base_model)}
-        params = dict(self.adapters[self.active_adapter])
-        if isinstance(self.active_peft_config, LoraConfig):
-            params.update({k: base[k] for k in lora_method.bias_names(self.active_peft_config, params, base)})
-        return params
+        return {**self.adapters[self.active_adapter], **{k: base[k] for k in self.base_model.trainable}}
 
     def get_nb_trainable_parameters(self):
         """(trainable, all): all counts the base and every adapter, as PEFT counts all modules."""
@@ -198,42 +173,23 @@ class PeftModel:
 
     def formula(self):
         """How the number of trainable parameters comes about, as arithmetic a learner can redo."""
-        mc = self.base_model.config
-        if self.is_full:
-            n = sum(v.size for v in self.trainable_parameters().values())
-            return f"full fine-tuning: every weight of the chosen blocks = {n:,}"
-        return METHODS[type(self.active_peft_config)].formula(self.active_peft_config, mc)
+        return self.method.formula(self.active_peft_config, self.base_model.config)
 
     # ---- forward, backward, generate -----------------------------------------------------------------
 
-    def _params(self):
-        """The one dict the model runs on: the base parameters and the active adapter's keys. With
-        prefix_projection the prefixes are first computed by the MLP."""
-        p = dict(self.base_model.params)
-        if self._disabled or self.is_full:
-            return p, None
-        adapter = self.adapters[self.active_adapter]
-        if self.active_adapter in self._merged:   # the LoRA update is in W already
-            return p, None
-        p.update(adapter)
-        mlp_cache = None
-        if prefix_method.ENCODER + "embedding.weight" in adapter:
-            prefixes, mlp_cache = prefix_method.prefix_mlp_forward(adapter, self.base_model.config.n_layer)
-            p.update(prefixes)
-        return p, mlp_cache
-
-    def _lora_options(self, training):
+    def _hooks(self, training):
+        """The active method's hooks for one forward; none when it is disabled or merged into the base."""
+        if self._disabled or self.active_adapter in self._merged:
+            return NO_HOOKS
         cfg = self.active_peft_config
-        if not isinstance(cfg, LoraConfig):
-            return None
-        return {"scale": cfg.scale, "dropout": cfg.lora_dropout, "rng": self._rng if training else None}
+        return self.method.hooks(cfg, self.adapters[self.active_adapter], self.base_model.config,
+                                 rng=self._rng if training else None, train=not cfg.inference_mode)
 
     def forward(self, idx, targets=None):
         """idx, targets (B,T) ints, targets -100 ignored. Returns logits (B,T,V) of the real tokens, loss."""
-        p, mlp_cache = self._params()
-        logits, loss, cache = gpt_forward(p, idx, self.base_model.config, targets,
-                                          lora=self._lora_options(self.training))
-        self._cache = (cache, mlp_cache)
+        hooks = self._hooks(self.training)
+        logits, loss, self._cache = gpt_forward(self.base_model.params, idx, self.base_model.config, targets,
+                                                hooks=hooks)
         return logits, loss
 
     __call__ = forward
@@ -244,28 +200,19 @@ class PeftModel:
             raise RuntimeError("backward() needs a forward pass with targets first: call forward(idx, targets)")
         if self._disabled or self.active_adapter in self._merged:
             raise RuntimeError("the adapter is disabled or merged, so it has nothing to train")
-        cache, mlp_cache = self._cache
-        names = set(self.trainable_parameters())
-        if mlp_cache is not None:   # the prefixes are outputs of the MLP: get their gradients first
-            names |= set(prefix_method.prefix_keys(self.base_model.config.n_layer))
-        grads = gpt_backward(cache, names)
-        if mlp_cache is not None:
-            n_layer = self.base_model.config.n_layer
-            dprefixes = {k: grads.pop(k) for k in prefix_method.prefix_keys(n_layer)}
-            grads.update(prefix_method.prefix_mlp_backward(dprefixes, mlp_cache, n_layer))
-        return grads
+        hooks = self._cache["hooks"]
+        return gpt_backward(self._cache, set(self.base_model.trainable) | getattr(hooks, "base_grads", set()))
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
         """As GPT.generate. For prefix tuning the prefix is the KV cache the first token already finds."""
-        p, _ = self._params()
-        lora = self._lora_options(False)
+        hooks = self._hooks(False)
 
         def forward(tokens, past):
-            logits, _, cache = gpt_forward(p, tokens, self.base_model.config, past=past, lora=lora)
+            logits, _, cache = gpt_forward(self.base_model.params, tokens, self.base_model.config, past=past,
+                                           hooks=hooks)
             return logits, cache["present"]
-        reserved = self.reserved_positions
         return generate(forward, idx, max_new_tokens, self.base_model.config.block_size,
-                        temperature, top_k, seed, reserved=reserved)
+                        temperature, top_k, seed, reserved=self.reserved_positions)
 
     # ---- state, merging ------------------------------------------------------------------------------
 
@@ -288,59 +235,48 @@ class PeftModel:
         for k, v in loaded.items():
             adapter[k][...] = v
 
-    def _lora_only(self, what):
-        if not isinstance(self.active_peft_config, LoraConfig):
-            raise ValueError(f"{what} applies to LoRA adapters; the active adapter is {type(self.active_peft_config).__name__}")
-
     def merge_adapter(self):
-        """Fold the active LoRA into the base weights, W <- W + scale * A @ B: no extra cost at inference.
-        The weights it changes are kept, so unmerge_adapter restores them bit for bit."""
-        self._lora_only("merge_adapter")
+        """Fold the active adapter into the base weights (LoRA: W <- W + scale * A @ B): no extra cost at
+        inference. The weights it changes are kept, so unmerge_adapter restores them bit for bit."""
+        cfg, adapter = self.active_peft_config, self.adapters[self.active_adapter]
+        changed = self.method.merged_weights(cfg, adapter)
+        if not changed:
+            raise ValueError(f"merge_adapter applies to LoRA adapters; the active adapter is {type(cfg).__name__}")
         if self.active_adapter not in self._merged:
-            adapter, base = self.adapters[self.active_adapter], self.base_model.params
-            self._premerge[self.active_adapter] = {k: base[k].copy() for k in lora_method.merged_weights(adapter)}
-            lora_method.merge(base, adapter, self.active_peft_config.scale)
+            base = self.base_model.params
+            self._premerge[self.active_adapter] = {k: base[k].copy() for k in changed}
+            self.method.merge(cfg, adapter, base)
             self._merged.add(self.active_adapter)
 
     def unmerge_adapter(self):
         """Undo merge_adapter exactly: the base weights get back their values from before the merge."""
-        self._lora_only("unmerge_adapter")
+        if not self.method.merged_weights(self.active_peft_config, self.adapters[self.active_adapter]):
+            raise ValueError(f"unmerge_adapter applies to LoRA adapters; the active adapter is "
+                             f"{type(self.active_peft_config).__name__}")
         if self.active_adapter in self._merged:
             for k, w in self._premerge.pop(self.active_adapter).items():
                 self.base_model.params[k][...] = w
             self._merged.discard(self.active_adapter)
 
     def merge_and_unload(self):
-        """Merge the active LoRA into the base weights and return the base GPT (changed in place, as in PEFT)."""
+        """Merge the active adapter into the base weights and return the base GPT (changed in place, as in PEFT)."""
         self.merge_adapter()
         self.base_model.trainable = set(self._base_trainable)
         return self.base_model
 
     # ---- saving and loading --------------------------------------------------------------------------
 
-    def _adapter_to_save(self, adapter_name):
-        cfg, adapter = self.peft_config[adapter_name], self.adapters[adapter_name]
-        base = self.base_model.params
-        if isinstance(cfg, FullFineTuningConfig):      # a full copy of the model: the cost of full fine-tuning
-            return {k: base[k] for k in full_trainable_names(cfg, self.base_model)}
-        if prefix_method.ENCODER + "embedding.weight" in adapter:   # only the prefixes are needed later
-            prefixes, _ = prefix_method.prefix_mlp_forward(adapter, self.base_model.config.n_layer)
-            return prefixes
-        out = dict(adapter)
-        if isinstance(cfg, LoraConfig):
-            out.update({k: base[k] for k in lora_method.bias_names(cfg, adapter, base)})
-        return out
-
     def save_pretrained(self, save_directory):
         """Write each adapter as adapter_config.json + adapter_model.npz: 'default' in save_directory,
-        others in save_directory/<name>/. Only the method's keys are written, not the base model."""
-        for name in self.adapters:
+        others in save_directory/<name>/. Only the method's arrays are written, not the base model."""
+        for name, cfg in self.peft_config.items():
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(folder, exist_ok=True)
-            meta = {**self.peft_config[name].to_dict(), "base_fingerprint": self.fingerprint,
+            meta = {**cfg.to_dict(), "base_fingerprint": self.fingerprint,
                     "base_config": self.base_model.config.to_dict(), "format": "tinyllm-adapter-1"}
             meta["inference_mode"] = False
-            save_checkpoint(os.path.join(folder, WEIGHTS_NAME), self._adapter_to_save(name), {"adapter": meta})
+            arrays = method_of(cfg).saved_arrays(cfg, self.adapters[name], self.base_model)
+            save_checkpoint(os.path.join(folder, WEIGHTS_NAME), arrays, {"adapter": meta})
             with atomic_open(os.path.join(folder, CONFIG_NAME)) as f:
                 f.write(json.dumps(meta, indent=2).encode())
 
@@ -356,7 +292,7 @@ class PeftModel:
     def load_adapter(self, model_id, adapter_name, is_trainable=False):
         """Load another saved adapter onto the same base, under a new name (then set_adapter to use it)."""
         config, arrays = read_adapter(self.base_model, model_id, is_trainable, self.fingerprint)
-        if isinstance(config, FullFineTuningConfig):
+        if method_of(config).trains_base:
             raise ValueError(f"{model_id!r} holds a full fine-tuning, a whole copy of the model, which would overwrite "
                              f"the base the other adapters share; load it with PeftModel.from_pretrained(fresh_base, path)")
         self.add_adapter(adapter_name, config)
@@ -369,26 +305,20 @@ class PeftModel:
     def _install(self, adapter_name, arrays):
         """Put loaded arrays in place of the freshly initialised ones, after checking they fit."""
         cfg, base = self.peft_config[adapter_name], self.base_model.params
-        if isinstance(cfg, FullFineTuningConfig):
-            self.base_model.load_state_dict({**base, **arrays})
-            return
-        expected = set(self.adapters[adapter_name])
-        if isinstance(cfg, PrefixTuningConfig) and cfg.prefix_projection:   # saved as the prefixes alone
-            expected = set(prefix_method.prefix_keys(self.base_model.config.n_layer))
-        found = {k for k in arrays if k not in base}
-        if found != expected:
-            raise CheckpointError(f"the adapter file holds keys {sorted(found)[:4]}... but its config describes "
+        method = method_of(cfg)
+        expected = method.expected_arrays(cfg, self.adapters[adapter_name], self.base_model)
+        if set(arrays) != set(expected):
+            raise CheckpointError(f"the adapter file holds keys {sorted(arrays)[:4]}... but its config describes "
                                   f"{sorted(expected)[:4]}...; the file and its adapter_config.json do not belong together")
-        C = self.base_model.config.n_embd
-        for k in arrays:
-            want = base[k].shape if k in base else (cfg.num_virtual_tokens, C) if k not in self.adapters[adapter_name] \
-                else self.adapters[adapter_name][k].shape
-            if arrays[k].shape != want:
-                raise CheckpointError(f"{k} has shape {arrays[k].shape} in the adapter file but its config needs {want}; "
-                                      f"the file and its adapter_config.json do not belong together")
-        self.adapters[adapter_name] = {k: np.array(arrays[k], dtype=self.base_model.dtype) for k in sorted(found)}
-        for k in arrays.keys() - found:   # base biases trained with LoraConfig(bias='all'|'lora_only')
-            base[k][...] = arrays[k]
+        for k, shape in expected.items():
+            if arrays[k].shape != shape:
+                raise CheckpointError(f"{k} has shape {arrays[k].shape} in the adapter file but its config needs "
+                                      f"{shape}; the file and its adapter_config.json do not belong together")
+        base_arrays = {k: arrays[k] for k in arrays if k in base}
+        if base_arrays:           # base weights it trained: a full fine-tuning, or LoRA's biases
+            self.base_model.load_state_dict({**base, **base_arrays})
+        own = {k: a for k, a in arrays.items() if k not in base}
+        self.adapters[adapter_name] = method.loaded_params(cfg, own, self.adapters[adapter_name], self.base_model)
 
 
 def read_adapter(model, model_id, is_trainable, fingerprint=None):
@@ -411,7 +341,7 @@ def read_adapter(model, model_id, is_trainable, fingerprint=None):
     if base_config != model.config.to_dict():
         raise CheckpointError(f"adapter in {model_id!r} was trained on a base with config {base_config}, but this "
                               f"model has {model.config.to_dict()}; load it onto the base it was trained on")
-    current = None if isinstance(config, FullFineTuningConfig) else fingerprint or base_fingerprint(model)
+    current = None if method_of(config).trains_base else fingerprint or base_fingerprint(model)
     if current is not None and saved_fp != current:   # a full fine-tuning replaces the base: nothing to check
         raise CheckpointError(f"adapter in {model_id!r} was trained on different base weights (fingerprint "
                               f"{saved_fp}, this base {current}); load the base checkpoint it was trained from")

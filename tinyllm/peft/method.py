@@ -1,0 +1,113 @@
+"""
+What a fine-tuning method is to the rest of tinyllm: one object, defined and registered by the method's own
+module (tinyllm/peft/lora.py, prefix.py, ...), as PEFT registers its methods with register_peft_method.
+PeftModel, memory, compare, report and bench ask it; none of them names a method.
+
+    method = method_of(config)                  # the registered Method for a LoraConfig, a PrefixTuningConfig, ...
+    params = method.init(config, model, rng, tokenizer)
+    logits, loss, cache = gpt_forward(p, idx, model.config, targets, hooks=method.hooks(config, params, model.config))
+
+A method adds parameters of its own and plugs into the base model through tinyllm.model.Hooks; the base
+model's weights stay frozen unless the method says otherwise (base_trainable).
+"""
+import numpy as np
+
+from ..model import NO_HOOKS
+
+METHODS = {}      # peft_type -> Method
+
+
+def register_peft_method(method):
+    """Make a Method known by its config's peft_type (a config's to_dict() names it; from_dict reads it)."""
+    METHODS[method.config_class.peft_type] = method
+    return method
+
+
+def method_of(config):
+    """The registered Method of a config object, or a TypeError naming what is registered."""
+    method = METHODS.get(getattr(config, "peft_type", None))
+    if method is None or not isinstance(config, method.config_class):
+        names = ", ".join(m.config_class.__name__ for m in METHODS.values())
+        raise TypeError(f"expected a fine-tuning config ({names}), got {type(config).__name__}")
+    return method
+
+
+class Method:
+    """Everything tinyllm asks of a fine-tuning method. The defaults suit a method that only adds
+    parameters of its own; a method overrides what it does differently."""
+    config_class = None          # its config dataclass; config_class.peft_type is the registry's key
+    trains_base = False          # True: the base's own weights train (full fine-tuning), nothing is added
+
+    # ---- parameters -------------------------------------------------------------------------------
+
+    def init(self, config, model, rng, tokenizer):
+        """{key: array} of freshly initialised parameters for model (a GPT), in the model's dtype; raises
+        ValueError when the config does not fit the model (a target that does not exist, ...)."""
+        raise NotImplementedError
+
+    def base_trainable(self, config, model, params):
+        """Names of the base's own parameters that train along with the method's (none by default)."""
+        return []
+
+    def added_count(self, config, mc):
+        """Numbers the method adds to a model of GPTConfig mc."""
+        raise NotImplementedError
+
+    def trainable_count(self, config, mc):
+        """Numbers that train: its own, plus any base parameters it trains."""
+        return self.added_count(config, mc)
+
+    def formula(self, config, mc):
+        """How the trainable count comes about, as arithmetic a learner can redo."""
+        raise NotImplementedError
+
+    # ---- context positions ------------------------------------------------------------------------
+
+    def prompt_positions(self, config):
+        """Input vectors the method puts before the real tokens (they run through every block)."""
+        return 0
+
+    def past_positions(self, config):
+        """Keys and values the method puts before the real tokens' in every block."""
+        return 0
+
+    def reserved_positions(self, config):
+        """Context positions the method takes before the real tokens."""
+        return self.prompt_positions(config) + self.past_positions(config)
+
+    # ---- forward and backward ---------------------------------------------------------------------
+
+    def hooks(self, config, params, mc, rng=None, train=True):
+        """The Hooks one forward (and its backward) runs with, on a model of GPTConfig mc. rng: the generator
+        for randomness while training (LoRA dropout), None in eval mode; train: compute the gradients of the
+        method's parameters (False: only pass the gradient through)."""
+        return NO_HOOKS
+
+    def activations(self, config, mc, B, T):
+        """Numbers one training step's forward caches for the method's own layers, for B sequences of T
+        real tokens (what every model caches is tinyllm.memory's)."""
+        return 0
+
+    # ---- merging ----------------------------------------------------------------------------------
+
+    def merged_weights(self, config, params):
+        """Names of the base weights merge() changes; empty: the method cannot be merged."""
+        return []
+
+    def merge(self, config, params, base_params):
+        """Fold the method into the base weights, in place (after which it computes nothing extra)."""
+        raise ValueError(f"{type(config).__name__} cannot be merged into the base weights")
+
+    # ---- saving -----------------------------------------------------------------------------------
+
+    def saved_arrays(self, config, params, model):
+        """{key: array} that save_pretrained writes (by default the parameters themselves)."""
+        return dict(params)
+
+    def expected_arrays(self, config, params, model):
+        """{key: shape} a saved file of this config must hold."""
+        return {k: v.shape for k, v in self.saved_arrays(config, params, model).items()}
+
+    def loaded_params(self, config, arrays, params, model):
+        """The parameters to use from a saved file's arrays (checked against expected_arrays already)."""
+        return {k: np.array(arrays[k], dtype=model.dtype) for k in params}
