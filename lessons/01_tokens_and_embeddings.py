@@ -35,7 +35,7 @@ from tinyllm.data import World, get_batch, make_corpus, split_corpus, unigram_lo
 from tinyllm.layers import cross_entropy_forward, embedding_forward
 from tinyllm.model import GPT, GPTConfig
 from tinyllm.tokenizer import TokenizerError, default_tokenizer
-from tinyllm.train import PRETRAIN_DATA
+from tinyllm.pretrain import PRETRAIN_DATA
 from lessons.common import section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "01_tokens_and_embeddings")

@@ -40,7 +40,7 @@ from tinyllm.data import World
 from tinyllm.layers import attention_forward, layernorm_forward, linear_forward
 from tinyllm.model import GPT, GPTConfig, gpt_forward
 from tinyllm.tokenizer import default_tokenizer
-from tinyllm.train import PRETRAIN_DATA
+from tinyllm.pretrain import PRETRAIN_DATA
 from lessons.common import section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "02_attention")

@@ -4,7 +4,7 @@ Lesson 04: pretraining.
 Pretraining is next-character prediction on a lot of text, nothing more: draw a batch of windows (lesson
 01), run the forward and the loss, the backward (lesson 03), clip the gradient, take an AdamW step, and
 repeat. This lesson runs tinyllm's pretraining recipe, the same one as `python -m tinyllm pretrain`
-(tinyllm.train.pretrain, which calls the shared loop tinyllm.train.train), and then looks at the result:
+(tinyllm.pretrain.pretrain, which calls the shared loop tinyllm.train.train), and then looks at the result:
 
   1. the recipe: data, model and optimizer settings
   2. training: the loss falls, printed as it goes
@@ -39,7 +39,7 @@ from tinyllm.plots import smooth
 from tinyllm.data import ATTRIBUTES, World, fact_recall_examples, make_corpus
 from tinyllm.model import GPTConfig
 from tinyllm.tasks import evaluate
-from tinyllm.train import PRETRAIN, PRETRAIN_DATA, QUICK, pretrain
+from tinyllm.pretrain import PRETRAIN, PRETRAIN_DATA, QUICK, pretrain
 from lessons.common import indented, section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "04_pretraining")
@@ -225,7 +225,7 @@ def main(steps=None, batch_size=None, quick=False, seed=None, resume=False, temp
     section("2. training")
     if resume and not os.path.exists(ckpt):
         raise FileNotFoundError(f"nothing to resume: no checkpoint at {os.path.relpath(ckpt)}; run without --resume")
-    print("tinyllm.train.pretrain builds the corpus and the model and hands them to the training loop,")
+    print("tinyllm.pretrain.pretrain builds the corpus and the model and hands them to the training loop,")
     print("tinyllm.train.train. Its progress lines:\n")
     result = pretrain(out=ckpt, steps=steps, batch_size=batch_size, seed=seed, quick=quick,
                       resume=ckpt if resume else None, echo=indented,

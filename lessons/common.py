@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from tinyllm.train import load_base as train_load_base
+from tinyllm.pretrain import load_base as train_load_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(ROOT, "runs", "pretrain", "ckpt.npz")      # `python -m tinyllm pretrain` writes it

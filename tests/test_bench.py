@@ -3,7 +3,7 @@ belong to `python -m tinyllm bench`)."""
 import numpy as np
 import pytest
 
-from tinyllm import bench, model as model_module
+from tinyllm import bench
 from tinyllm.memory import training_memory
 from tinyllm.model import GPTConfig
 
@@ -40,14 +40,12 @@ def test_generation_models_generate_what_the_base_generates_at_init():
     assert models["lora merged"].active_adapter in models["lora merged"]._merged
 
 
-def test_profile_layers_times_every_layer_and_restores_the_model():
-    originals = {n: getattr(model_module, n) for n in dir(model_module) if n.endswith(("_forward", "_backward"))}
+def test_profile_layers_times_every_layer():
     rows, total = bench.profile_layers(TINY, 2, repeats=1)
     rows = {r["layer"]: r for r in rows}
-    assert {"embedding", "layernorm", "linear", "gelu", "attention", "cross_entropy"} <= set(rows)
-    assert all(r["forward"] >= 0 and r["backward"] >= 0 for r in rows.values())
-    assert sum(r["forward"] + r["backward"] for r in rows.values()) <= total * 1.5
-    assert all(getattr(model_module, n) is fn for n, fn in originals.items())
+    assert set(rows) == {"embedding", "layernorm", "linear", "gelu", "attention", "cross_entropy"}
+    assert all(r["forward"] > 0 and r["backward"] > 0 for r in rows.values())
+    assert sum(r["forward"] + r["backward"] for r in rows.values()) <= total
 
 
 def test_profile_layers_counts_the_matmul_flops_of_a_step():

@@ -57,14 +57,16 @@ def test_finetune_measures_every_method(setup, method, tmp_path):
     assert np.all(np.diff(h["train_seconds"]) > 0) and r["seconds_per_step"] > 0
     assert r["final_val_loss"] == h["val_loss"][-1]
     assert 0 <= r["accuracy_after"] <= 1 and 0 <= r["accuracy_before"] <= 1
-    assert set(r["knowledge_after"]) == {"corpus_loss", "fact_recall"}
+    assert set(r["knowledge_after"]) == {"corpus_loss", "window_losses", "fact_recall", "recall_correct"}
+    assert np.mean(r["knowledge_after"]["window_losses"]) == pytest.approx(r["knowledge_after"]["corpus_loss"])
+    assert np.mean(r["correct_after"]) == r["accuracy_after"]
     assert sorted(p.name for p in (tmp_path / method).iterdir()) == ["adapter_config.json", "adapter_model.npz"]
     assert r["formula"] and r["virtual_tokens"] == getattr(METHODS[method](), "num_virtual_tokens", 0)
     if method == "full":
-        assert not r["base_unchanged"] and not r["disable_restores_base"]       # full has no off switch
+        assert not r["base_unchanged"] and r["disabled_max_diff"] > 0            # full has no off switch
         assert r["saved_bytes"] > 0.9 * r["full_copy_bytes"]
     else:
-        assert r["base_unchanged"] and r["disable_restores_base"]
+        assert r["base_unchanged"] and r["disabled_max_diff"] == 0.0
         assert r["saved_bytes"] < r["full_copy_bytes"] / 4
 
 

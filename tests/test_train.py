@@ -11,7 +11,8 @@ from tinyllm import GPT, GPTConfig
 from tinyllm.__main__ import main
 from tinyllm.checkpoint import load_checkpoint, load_pretrained
 from tinyllm.optim import AdamW
-from tinyllm.train import TrainConfig, TrainingError, pretrain, train
+from tinyllm.pretrain import pretrain
+from tinyllm.train import TrainConfig, TrainingError, train
 from train_helpers import batches, interrupt_at_train_batch
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
@@ -100,10 +101,10 @@ class NanAt:
     def __init__(self, model, bad_call):
         self.model, self.config, self.calls, self.bad_call = model, model.config, 0, bad_call
 
-    def forward(self, idx, targets=None):
-        logits, loss = self.model.forward(idx, targets)
+    def forward_backward(self, idx, targets, workers=None):
+        loss, grads = self.model.forward_backward(idx, targets, workers)
         self.calls += 1
-        return logits, (float("nan") if self.calls == self.bad_call else loss)
+        return (float("nan") if self.calls == self.bad_call else loss), grads
 
     def __getattr__(self, name):                         # backward, trainable_parameters, state_dict...
         return getattr(self.model, name)

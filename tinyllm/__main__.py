@@ -9,7 +9,8 @@ import argparse
 import sys
 
 from .checkpoint import CheckpointError
-from .train import PRETRAIN, PRETRAIN_OUT, QUICK, TrainingError, pretrain
+from .pretrain import PRETRAIN, PRETRAIN_OUT, QUICK, pretrain
+from .train import TrainingError
 
 
 class Parser(argparse.ArgumentParser):

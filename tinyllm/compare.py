@@ -38,7 +38,8 @@ from .presets import DEFAULT_TASK, MAIN_METHODS, method_config, sweep_variants, 
 from .report import plot_all, results_rows, text_table, write_report
 from .sweep import BATCH_SIZE, N_VAL
 from .tasks import TASKS, evaluate, few_shot_task, format_ok, get_task
-from .train import PRETRAIN_OUT, default_out, duration, pretrain
+from .pretrain import PRETRAIN_OUT, pretrain
+from .train import default_out, duration
 
 DEFAULT_CHECKPOINT = PRETRAIN_OUT
 DEFAULT_OUT = "runs/compare"
@@ -301,7 +302,7 @@ def compare(task=DEFAULT_TASK, seeds=None, seed=0, steps=None, out=DEFAULT_OUT, 
 
     seeds: runs per method (default 3); seed: the first seed; steps: the same budget for every method
     instead of the sweep's (the report then says so); quick: a smoke test (a tiny pretraining, a few steps,
-    no verdicts). checkpoint: the pretrained model, made with tinyllm.train.pretrain when the file does not
+    no verdicts). checkpoint: the pretrained model, made with tinyllm.pretrain.pretrain when the file does not
     exist: default runs/pretrain/ckpt.npz, or with quick <out>/pretrain/ckpt.npz (never the shared one).
     Returns: the results dict (also in results.json).
     """

@@ -250,7 +250,7 @@ def split_corpus(text, val_fraction=0.1):
 def corpus_splits(data):
     """The world, and the train and val text, that a pretraining run's data settings describe.
 
-    data: dict with world_seed, n_people, n_chars, corpus_seed, val_fraction (tinyllm.train.PRETRAIN_DATA,
+    data: dict with world_seed, n_people, n_chars, corpus_seed, val_fraction (tinyllm.pretrain.PRETRAIN_DATA,
     or a checkpoint's meta['data']). Pretraining and the forgetting probe both rebuild the corpus here, so
     the probe reads exactly the validation text the model was kept from.
     """

@@ -47,7 +47,7 @@ PROBE_WINDOW = 64        # their length: short enough that prefix or prompt toke
 def knowledge_probe(data, tokenizer, block_size, n_windows=PROBE_WINDOWS, window=PROBE_WINDOW, seed=0):
     """The fixed inputs of the forgetting measurements, rebuilt from a pretraining checkpoint's meta['data'].
 
-    Inputs: data, dict with world_seed, n_people, n_chars, corpus_seed, val_fraction (tinyllm.train's
+    Inputs: data, dict with world_seed, n_people, n_chars, corpus_seed, val_fraction (tinyllm.pretrain's
     PRETRAIN_DATA); the tokenizer; block_size (a window must fit in it).
     Returns: dict with windows (x, y), each (n_windows, window) ids of the corpus's val split, and recall,
     the fact_recall_examples of the world as [(prompt, value)]: the answer without its final "." (" oslo"),

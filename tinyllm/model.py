@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .checks import as_array, check_targets, check_tokens, check_weights, is_int, is_number
+from .parallel import check_workers, default_workers, forward_backward
 from .layers import (attention_backward, attention_forward, cross_entropy_backward, cross_entropy_forward,
                      embedding_backward, embedding_forward, gelu_backward, gelu_forward, layernorm_backward,
                      layernorm_forward, linear_backward, linear_forward)
@@ -103,6 +104,7 @@ class Hooks:
         linear(name, x, w, b)  each of a block's four linear layers                       LoRA, (IA)^3
         branch(name, a)        a block's attention or MLP output, before the residual add  adapters
     """
+    base_grads = frozenset()     # base parameters whose gradients the hooks turn into their own (params())
 
     def params(self, p):
         return p
@@ -380,6 +382,15 @@ class GPT:
     def backward(self):
         """{name: gradient} for every trainable parameter, from the loss of the last forward."""
         return gpt_backward(self._cache, self.trainable)
+
+    def forward_backward(self, idx, targets, workers=None):
+        """One training step's (loss, grads), the batch split over `workers` threads (None: one per core,
+        at most one per row); the same numbers as forward then backward, up to float rounding
+        (tinyllm.parallel)."""
+        def run(x, y, shard):
+            _, loss, cache = gpt_forward(self.params, x, self.config, y)
+            return loss, gpt_backward(cache, self.trainable)
+        return forward_backward(run, idx, targets, check_workers(workers) or default_workers(len(as_array(idx, "idx"))))
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
         """Append max_new_tokens tokens to idx (B,T); temperature 0 is greedy. Uses a KV cache."""

@@ -33,7 +33,8 @@ from .finetune import finetune
 from .peft.peft_model import base_fingerprint
 from .presets import MAIN_METHODS, PRESETS, VARIANTS, method_config, sweep_folder, tuned, variant_config
 from .tasks import get_task
-from .train import PRETRAIN_OUT, default_out, duration
+from .pretrain import PRETRAIN_OUT
+from .train import default_out, duration
 
 BUDGETS = (125, 250, 500, 1000)   # steps, doubling
 BATCH_SIZE = 8                    # examples per step, in the sweep and in compare

@@ -22,8 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .data import (AGE_RANGE, ATTRIBUTES, CLAUSES, INVENTED_NAMES, TEMPLATES, VALUES, _pick, fact_sentence,
-                   invented_person, state)
+from .data import (AGE_RANGE, ATTRIBUTES, TEMPLATES, VALUES, _pick, fact_sentence, invented_person, state)
 from .layers import IGNORE_INDEX   # a target the loss skips
 from .model import is_int
 

@@ -108,4 +108,4 @@ def default_tokenizer():
     return CharTokenizer(VOCAB)
 
 
-from .bpe import BPETokenizer  # noqa: E402
+from .bpe import BPETokenizer  # noqa: E402,F401  (tinyllm.tokenizer.BPETokenizer)

@@ -1,12 +1,12 @@
 """
-The training loop, shared by pretraining and every fine-tuning method.
+The training loop, shared by pretraining (tinyllm/pretrain.py) and every fine-tuning method.
 
-One step is nanoGPT's: draw a batch, forward, backward, clip the global gradient norm, AdamW step with
-the scheduled learning rate. `train` works with any model that follows tinyllm's protocol:
+One step is nanoGPT's: draw a batch, forward and backward (split over the cores: tinyllm.parallel), clip the
+global gradient norm, AdamW step with the scheduled learning rate. `train` works with any model that follows
+tinyllm's protocol:
 
-    logits, loss = model.forward(idx, targets)    grads = model.backward()
-    model.trainable_parameters()                  model.state_dict() / load_state_dict(d)
-    model.config (with .to_dict())
+    loss, grads = model.forward_backward(idx, targets, workers)     (or forward, then backward)
+    model.trainable_parameters()      model.state_dict() / load_state_dict(d)      model.config.to_dict()
 
 Exactness: a run stopped at step k and resumed from its checkpoint ends bit-identical to one that never
 stopped, because the checkpoint holds everything the next step reads: parameters, AdamW's m, v and t,
@@ -20,17 +20,14 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from .checkpoint import (CheckpointError, check_writable, load_checkpoint, load_pretrained, load_training_state,
-                         restore_rng, save_training_state)
-from .data import corpus_splits, fact_recall_examples, unigram_loss
+from .checkpoint import check_writable, load_training_state, restore_rng, save_training_state
+from .checks import is_int, is_number
 from .data import get_batch as corpus_windows
-from .model import GPT, GPTConfig, is_int, is_number
 from .optim import AdamW, clip_grad_norm, global_norm, lr_schedule
-from .tokenizer import CharTokenizer, default_tokenizer
 
 
 @dataclass
@@ -48,6 +45,7 @@ class TrainConfig:
     checkpoint: str | None = None    # where to write the .npz checkpoint (a path); None: never
     checkpoint_interval: int = 0     # steps between checkpoints; 0: only at the end (and on Ctrl-C)
     seed: int = 0                    # seed of the batch RNG (and of the fixed validation batches)
+    workers: int | None = None       # threads a step's batch is split over (None: one per core)
 
     def __post_init__(self):
         def need(ok, name, what):
@@ -63,6 +61,8 @@ class TrainConfig:
         need(is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")
         need(self.grad_clip is None or (is_number(self.grad_clip) and self.grad_clip > 0), "grad_clip",
              "a number > 0, or None for no clipping")
+        need(self.workers is None or (is_int(self.workers) and self.workers >= 1), "workers",
+             "None (one per core) or an integer >= 1")
         if isinstance(self.checkpoint, os.PathLike):
             self.checkpoint = os.fspath(self.checkpoint)
         need(self.checkpoint is None or (isinstance(self.checkpoint, str) and self.checkpoint), "checkpoint",
@@ -134,8 +134,144 @@ def default_out(line):
     print(line, flush=True)
 
 
+def forward_backward(model, x, y, workers):
+    """One step's loss and gradients: the model's data-parallel forward_backward, or forward then backward."""
+    if hasattr(model, "forward_backward"):
+        return model.forward_backward(x, y, workers=workers)
+    _, loss = model.forward(x, y)
+    return loss, model.backward()
+
 # ----------------------------------------------------------------------------------------------------
-# the loop
+# the loop: a Run holds what a checkpoint records, and each part of a step is a short function
+
+
+@dataclass
+class Run:
+    model: object
+    get_batch: object
+    cfg: TrainConfig
+    optimizer: AdamW
+    rng: np.random.Generator                 # the batch RNG
+    meta: dict                               # what every checkpoint carries besides the state
+    step: int = 0
+    history: dict = field(default_factory=new_history)
+    committed: dict = field(default_factory=dict)   # RNG states as of the last whole step: what a save records
+    saved_step: int | None = None            # the step of the checkpoint file on disk
+    started: float = 0.0                     # perf_counter at the start, and the history's seconds before it
+    elapsed_before: float = 0.0
+    window: list = field(default_factory=lambda: [0.0, 0, 0])   # progress line: its start, tokens, steps
+
+    @property
+    def model_rng(self):
+        return getattr(self.model, "rng", None)
+
+    def commit(self):
+        """The RNG states a checkpoint written now would record (they change only between steps)."""
+        self.committed = {"rng": self.rng.bit_generator.state,
+                          "model_rng": self.model_rng.bit_generator.state if self.model_rng is not None else None}
+
+
+def start_run(model, get_batch, cfg, resume_from, meta, out):
+    """Check the inputs and build the Run: fresh, or the state a checkpoint saved."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    params = model.trainable_parameters()
+    if not params:
+        raise ValueError("the model has no trainable parameters; unfreeze some or add a fine-tuning method")
+    extra = {**(meta or {}), "train_config": cfg.to_dict()}
+    try:                                                 # found out now, not at the first save
+        json.dumps(extra)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"meta must be JSON-able, since it goes into every checkpoint: {e}") from None
+    if cfg.checkpoint:
+        check_writable(cfg.checkpoint)
+    run = Run(model, get_batch, cfg, AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+              np.random.default_rng(cfg.seed), extra)
+    if resume_from is not None:
+        run.rng, run.step, run.history, saved = load_training_state(resume_from, model, run.optimizer)
+        if run.model_rng is not None and saved.get("model_rng_state") is not None:
+            restore_rng(resume_from, saved["model_rng_state"], run.model_rng)
+        changed = [f.name for f in fields(cfg) if f.name not in ("checkpoint", "workers")
+                   and saved.get("train_config", {}).get(f.name) != getattr(cfg, f.name)]
+        out(f"resuming {resume_from} at step {run.step}" + (f" (settings changed since: {', '.join(changed)})" if changed else ""))
+        run.history["status"] = "running"
+        if cfg.checkpoint is not None and os.path.abspath(resume_from) == os.path.abspath(cfg.checkpoint):
+            run.saved_step = run.step
+    run.commit()
+    run.elapsed_before = run.history["elapsed"][-1] if run.history["elapsed"] else 0.0
+    run.started = run.window[0] = time.perf_counter()
+    return run
+
+
+def validation_fn(run):
+    """The mean loss over cfg.eval_iters 'val' batches, drawn once from their own stream of cfg.seed, so
+    every evaluation sees the same ones (and the batch RNG is not touched)."""
+    val_rng = np.random.default_rng([run.cfg.seed, 1])
+    batches = [run.get_batch("val", val_rng) for _ in range(run.cfg.eval_iters)]
+    return lambda m: float(np.mean([m.forward(x, y)[1] for x, y in batches]))
+
+
+def evaluate(run, eval_fn, out):
+    val_loss = eval_fn(run.model)
+    with interrupts_held():
+        run.history["val_step"].append(run.step)
+        run.history["val_loss"].append(float(val_loss))
+        run.commit()                                     # the evaluation may have drawn from model.rng
+    out(f"step {run.step:>5}/{run.cfg.max_steps} | val loss {val_loss:.4f}")
+
+
+def diverged(run, what, value):
+    run.history["status"] = "diverged"
+    kept = (f"the last good checkpoint, {run.cfg.checkpoint} (step {run.saved_step}), was kept"
+            if run.saved_step is not None else "no checkpoint had been written yet")
+    raise TrainingError(f"step {run.step + 1}: {what} is {value}, not a finite number; training stopped and "
+                        f"{kept}. Try a lower learning rate or a smaller grad_clip.", run.step + 1, value, run.history)
+
+
+def train_step(run):
+    """Batch, forward and backward, clip, AdamW: one step, committed whole or not at all."""
+    cfg = run.cfg
+    x, y = run.get_batch("train", run.rng)
+    loss, grads = forward_backward(run.model, x, y, cfg.workers)      # which checks x and y
+    if np.asarray(x).shape[0] != cfg.batch_size:
+        raise ValueError(f"get_batch gave {np.asarray(x).shape[0]} sequences but TrainConfig.batch_size is "
+                         f"{cfg.batch_size}; build get_batch with the config's batch size")
+    if not math.isfinite(loss):
+        diverged(run, "the loss", loss)
+    norm = clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip is not None else global_norm(grads)
+    if not math.isfinite(norm):
+        diverged(run, "the gradient norm", norm)
+    lr = lr_schedule(run.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    h = run.history
+    with interrupts_held():                              # the update and its bookkeeping, whole
+        run.optimizer.step(grads, lr)
+        run.step += 1
+        run.commit()
+        tokens = (h["tokens"][-1] if h["tokens"] else 0) + np.asarray(x).size
+        for key, value in (("step", run.step), ("train_loss", float(loss)), ("lr", lr), ("grad_norm", norm),
+                           ("tokens", tokens), ("elapsed", run.elapsed_before + time.perf_counter() - run.started)):
+            h[key].append(value)
+    run.window[1] += np.asarray(x).size
+    run.window[2] += 1
+
+
+def log_progress(run, out):
+    if run.step % run.cfg.log_interval and run.step != run.cfg.max_steps:
+        return
+    h, now = run.history, time.perf_counter()
+    start, tokens, steps = run.window
+    per_step = (now - start) / steps
+    out(f"step {run.step:>5}/{run.cfg.max_steps} | loss {h['train_loss'][-1]:.4f} | lr {h['lr'][-1]:.2e} | "
+        f"{tokens / (now - start):,.0f} tok/s | elapsed {duration(h['elapsed'][-1])} | "
+        f"eta {duration(per_step * (run.cfg.max_steps - run.step))}")
+    run.window[:] = [now, 0, 0]
+
+
+def save(run):
+    save_training_state(run.cfg.checkpoint, run.model, run.optimizer, run.committed["rng"], run.step, run.history,
+                        {**run.meta, "model_rng_state": run.committed["model_rng"]})
+    run.saved_step = run.step
+
 
 def train(model, get_batch, cfg, eval_fn=None, out=default_out, resume_from=None, meta=None,
           resume_command=None):
@@ -158,229 +294,33 @@ def train(model, get_batch, cfg, eval_fn=None, out=default_out, resume_from=None
     Raises: TrainingError when the loss or gradient is not finite; no checkpoint is written over the
     last good one.
     """
-    if not isinstance(cfg, TrainConfig):
-        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
-    params = model.trainable_parameters()
-    if not params:
-        raise ValueError("the model has no trainable parameters; unfreeze some or add a fine-tuning method")
-    optimizer = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    extra = {**(meta or {}), "train_config": cfg.to_dict()}
-    try:                                                 # found out now, not at the first save
-        json.dumps(extra)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"meta must be JSON-able, since it goes into every checkpoint: {e}") from None
-    if cfg.checkpoint:
-        check_writable(cfg.checkpoint)
-    model_rng = getattr(model, "rng", None)
-
-    if resume_from is not None:
-        rng, step, history, saved = load_training_state(resume_from, model, optimizer)
-        if model_rng is not None and saved.get("model_rng_state") is not None:
-            restore_rng(resume_from, saved["model_rng_state"], model_rng)
-        changed = [f.name for f in fields(cfg) if f.name != "checkpoint"
-                   and saved.get("train_config", {}).get(f.name) != getattr(cfg, f.name)]
-        out(f"resuming {resume_from} at step {step}"
-            + (f" (settings changed since: {', '.join(changed)})" if changed else ""))
-        history["status"] = "running"
-    else:
-        rng, step, history = np.random.default_rng(cfg.seed), 0, new_history()
-
+    run = start_run(model, get_batch, cfg, resume_from, meta, out)
     if eval_fn is None and cfg.eval_iters:
-        val_rng = np.random.default_rng([cfg.seed, 1])      # its own stream: the batch RNG is not touched
-        val_batches = [get_batch("val", val_rng) for _ in range(cfg.eval_iters)]
-
-        def eval_fn(m):
-            return float(np.mean([m.forward(x, y)[1] for x, y in val_batches]))
-
-    # The committed state: what a checkpoint records. It changes only between steps, all at once.
-    committed_rng = rng.bit_generator.state
-    committed_model_rng = model_rng.bit_generator.state if model_rng is not None else None
-    resumed_in_place = resume_from is not None and cfg.checkpoint is not None \
-        and os.path.abspath(resume_from) == os.path.abspath(cfg.checkpoint)
-    saved_step = step if resumed_in_place else None      # the step of the checkpoint file on disk
-    elapsed_before = history["elapsed"][-1] if history["elapsed"] else 0.0
-    tokens = history["tokens"][-1] if history["tokens"] else 0
-    start = window_start = time.perf_counter()
-    window_tokens, window_steps = 0, 0
-
-    def save():
-        nonlocal saved_step
-        save_training_state(cfg.checkpoint, model, optimizer, committed_rng, step, history,
-                            {**extra, "model_rng_state": committed_model_rng})
-        saved_step = step
-
-    def stop(what, value):
-        history["status"] = "diverged"
-        kept = (f"the last good checkpoint, {cfg.checkpoint} (step {saved_step}), was kept"
-                if saved_step is not None else "no checkpoint had been written yet")
-        raise TrainingError(f"step {step + 1}: {what} is {value}, not a finite number; training stopped and "
-                            f"{kept}. Try a lower learning rate or a smaller grad_clip.", step + 1, value, history)
-
+        eval_fn = validation_fn(run)
     try:
         while True:
-            if eval_fn is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps) \
-                    and (not history["val_step"] or history["val_step"][-1] != step):
-                val_loss = eval_fn(model)
-                with interrupts_held():
-                    history["val_step"].append(step)
-                    history["val_loss"].append(float(val_loss))
-                    if model_rng is not None:                # the evaluation may have drawn from it
-                        committed_model_rng = model_rng.bit_generator.state
-                out(f"step {step:>5}/{cfg.max_steps} | val loss {val_loss:.4f}")
-            if step >= cfg.max_steps:
+            h = run.history
+            if eval_fn is not None and (run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps) \
+                    and (not h["val_step"] or h["val_step"][-1] != run.step):
+                evaluate(run, eval_fn, out)
+            if run.step >= cfg.max_steps:
                 break
-
-            x, y = get_batch("train", rng)
-            _, loss = model.forward(x, y)                    # which checks x and y
-            x = np.asarray(x)
-            if x.shape[0] != cfg.batch_size:
-                raise ValueError(f"get_batch gave {x.shape[0]} sequences but TrainConfig.batch_size is "
-                                 f"{cfg.batch_size}; build get_batch with the config's batch size")
-            if not math.isfinite(loss):
-                stop("the loss", loss)
-            grads = model.backward()
-            norm = clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip is not None else global_norm(grads)
-            if not math.isfinite(norm):
-                stop("the gradient norm", norm)
-            lr = lr_schedule(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-
-            with interrupts_held():                          # the update and its bookkeeping, whole
-                optimizer.step(grads, lr)
-                step += 1
-                tokens += x.size
-                committed_rng = rng.bit_generator.state
-                if model_rng is not None:
-                    committed_model_rng = model_rng.bit_generator.state
-                for key, value in (("step", step), ("train_loss", float(loss)), ("lr", lr),
-                                   ("grad_norm", norm), ("tokens", tokens),
-                                   ("elapsed", elapsed_before + time.perf_counter() - start)):
-                    history[key].append(value)
-
-            window_tokens += x.size
-            window_steps += 1
-            if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                now = time.perf_counter()
-                per_step = (now - window_start) / window_steps
-                out(f"step {step:>5}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                    f"{window_tokens / (now - window_start):,.0f} tok/s | "
-                    f"elapsed {duration(history['elapsed'][-1])} | eta {duration(per_step * (cfg.max_steps - step))}")
-                window_start, window_tokens, window_steps = now, 0, 0
-            if cfg.checkpoint and cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 \
-                    and step < cfg.max_steps:
-                save()
+            train_step(run)
+            log_progress(run, out)
+            if cfg.checkpoint and cfg.checkpoint_interval and run.step % cfg.checkpoint_interval == 0 \
+                    and run.step < cfg.max_steps:
+                save(run)
     except KeyboardInterrupt:
-        history["status"] = "interrupted"
+        run.history["status"] = "interrupted"
         if not cfg.checkpoint:
-            out(f"interrupted at step {step}; no checkpoint path was set, so nothing was saved")
-            return history
-        save()
+            out(f"interrupted at step {run.step}; no checkpoint path was set, so nothing was saved")
+            return run.history
+        save(run)
         command = resume_command or f"train(model, get_batch, cfg, resume_from={cfg.checkpoint!r})"
-        out(f"interrupted at step {step}; saved {cfg.checkpoint}. Resume with:\n  {command}")
-        return history
-
-    history["status"] = "completed"
+        out(f"interrupted at step {run.step}; saved {cfg.checkpoint}. Resume with:\n  {command}")
+        return run.history
+    run.history["status"] = "completed"
     if cfg.checkpoint:
-        save()
-        out(f"saved {cfg.checkpoint} (step {step})")
-    return history
-
-
-# ----------------------------------------------------------------------------------------------------
-# the pretraining recipe behind `python -m tinyllm pretrain`
-
-# The corpus every lesson shares: fine-tuning tasks ask about this world's facts, so it is fixed here
-# and recorded in the checkpoint (meta['data']) for them to rebuild.
-PRETRAIN_DATA = dict(world_seed=0, n_people=24, n_chars=300_000, corpus_seed=0, val_fraction=0.1)
-# Tuned for ~2-3 minutes on 2 CPU cores (~10k tokens/s; measured 2m06s, val loss 0.32 against a unigram
-# baseline of 2.98). 1200 steps of 8 sequences beat 600 of 16 (the same tokens): val 0.34 against 0.50;
-# lr 3e-3 beat 2e-3.
-PRETRAIN = TrainConfig(max_steps=1200, batch_size=8, lr=3e-3, warmup_steps=50, eval_interval=100,
-                       eval_iters=8, log_interval=50, checkpoint_interval=200)
-QUICK = dict(n_chars=20_000, max_steps=30, batch_size=4, warmup_steps=5, eval_interval=10, eval_iters=2,
-             log_interval=10, checkpoint_interval=10)
-
-
-PRETRAIN_OUT = "runs/pretrain/ckpt.npz"
-
-
-def pretrain(out=PRETRAIN_OUT, steps=None, batch_size=None, lr=None, seed=None, resume=None,
-             quick=False, echo=default_out, resume_command=None):
-    """Pretrain the default GPT on the synthetic corpus; the settings are PRETRAIN (QUICK with quick).
-
-    Flags left None keep the default, or with `resume` (a checkpoint path) the resumed run's own setting.
-    Returns: dict with model, tokenizer, history, train_loss (mean of the last 20 steps), val_loss,
-    unigram_loss (the loss of predicting characters by their frequency alone), samples, seconds.
-    """
-    if resume is not None:
-        _, saved = load_checkpoint(resume)
-        if saved.get("kind") != "pretrain":
-            raise CheckpointError(f"{resume!r} is not a pretraining checkpoint (kind {saved.get('kind')!r})")
-        data, settings = saved["data"], saved["train_config"]
-        model_config, tokenizer = GPTConfig(**saved["config"]), CharTokenizer(saved["tokenizer_chars"])
-    else:
-        data, model_config, tokenizer = dict(PRETRAIN_DATA), GPTConfig(), default_tokenizer()
-        settings = PRETRAIN.to_dict()
-        if quick:
-            data["n_chars"] = QUICK["n_chars"]
-            settings.update({k: v for k, v in QUICK.items() if k in settings})
-    for name, value in (("max_steps", steps), ("batch_size", batch_size), ("lr", lr), ("seed", seed)):
-        if value is not None:
-            settings[name] = value
-    settings["checkpoint"] = out
-    cfg = TrainConfig(**settings)
-
-    world, train_text, val_text = corpus_splits(data)
-    splits = {"train": tokenizer.encode(train_text), "val": tokenizer.encode(val_text)}
-    baseline = unigram_loss(splits["val"], tokenizer.vocab_size)
-    model = GPT(model_config, seed=cfg.seed)
-    echo(f"pretraining a {model.num_parameters():,}-parameter GPT ({model_config.n_layer} layers, "
-         f"{model_config.n_embd} wide) on {len(splits['train']):,} characters for {cfg.max_steps} steps of "
-         f"{cfg.batch_size}x{model_config.block_size} tokens; unigram baseline {baseline:.3f}, "
-         f"uniform {math.log(tokenizer.vocab_size):.3f}")
-
-    start = time.perf_counter()
-    meta = {"kind": "pretrain", "tokenizer_chars": tokenizer.chars, "data": data}
-    history = train(model, corpus_batches(splits, cfg.batch_size, model_config.block_size), cfg,
-                    out=echo, resume_from=resume, meta=meta, resume_command=resume_command)
-    seconds = time.perf_counter() - start
-    result = dict(model=model, tokenizer=tokenizer, history=history, unigram_loss=baseline, seconds=seconds,
-                  train_loss=float(np.mean(history["train_loss"][-20:])) if history["train_loss"] else None,
-                  val_loss=history["val_loss"][-1] if history["val_loss"] else None, samples=[])
-    if history["status"] != "completed":
-        return result
-
-    for prompt, answer in fact_recall_examples(world)[::7][:3]:     # three facts of three people
-        ids = model.generate(tokenizer.encode(prompt)[None], 20, temperature=0)[0]
-        completion = tokenizer.decode(ids[len(prompt):]).split("\n")[0]
-        completion = completion[:completion.index(".") + 1] if "." in completion else completion
-        result["samples"].append(f"{prompt}{completion}   (the world says:{answer})")
-    ids = model.generate(tokenizer.encode("\n")[None], 150, temperature=0.8, seed=cfg.seed)[0]
-    result["samples"].append(tokenizer.decode(ids[1:]).split("\n")[0])
-    echo(f"done in {duration(seconds)}: train loss {result['train_loss']:.3f} (mean of the last 20 steps), "
-         f"val loss {result['val_loss']:.3f}, unigram baseline {baseline:.3f}")
-    echo("samples (greedy completions of facts, then one document sampled at temperature 0.8):")
-    for s in result["samples"]:
-        echo(f"  {s}")
-    return result
-
-
-def load_base(checkpoint, config=None, seed=0, fallback=None, echo=default_out):
-    """The model a lesson fine-tunes, its tokenizer, its pretraining corpus settings, and where it came from.
-
-    config: GPTConfig fields of a new, randomly initialised model instead (tests use a tiny one).
-    Otherwise the checkpoint, or `fallback` when only that one exists (lesson 04 writes its own); when
-    neither exists, pretrain() makes the checkpoint first.
-    Returns: model, tokenizer, data settings (dict), a one-line description of the model's origin.
-    """
-    if config is not None:
-        tok = default_tokenizer()
-        model = GPT(GPTConfig(**{"vocab_size": tok.vocab_size, **config}), seed=seed)
-        return model, tok, dict(PRETRAIN_DATA), "a new, RANDOMLY INITIALISED GPT (not pretrained)"
-    if not os.path.exists(checkpoint) and fallback and os.path.exists(fallback):
-        checkpoint = fallback
-    if not os.path.exists(checkpoint):
-        echo(f"No pretrained model at {os.path.relpath(checkpoint)} yet: pretraining one first "
-             f"(tinyllm.train.pretrain, a few minutes; later lessons reuse it).")
-        pretrain(out=checkpoint, echo=echo)
-    model, tok, meta = load_pretrained(checkpoint)
-    return model, tok, meta["data"], f"pretrained, from {os.path.relpath(checkpoint)} (step {meta.get('step')})"
+        save(run)
+        out(f"saved {cfg.checkpoint} (step {run.step})")
+    return run.history

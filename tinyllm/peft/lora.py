@@ -180,7 +180,7 @@ class LoraHooks(Hooks):
     def __init__(self, own, scale, dropout, rng, train, tokens):
         self.own, self.scale, self.dropout, self.rng, self.train = own, scale, dropout, rng, train
         self.tokens = tokens                      # trainable token ids, or None
-        self.base_grads = {"wte.weight"} if tokens and train else set()
+        self.base_grads = frozenset({"wte.weight"} if tokens and train else ())
 
     def params(self, p):
         if not self.tokens:

@@ -18,7 +18,8 @@ import os
 import numpy as np
 
 from ..checkpoint import CheckpointError, atomic_open, load_checkpoint, save_checkpoint
-from ..checks import check_weights
+from ..checks import as_array, check_weights
+from ..parallel import check_workers, default_workers, forward_backward
 from ..model import NO_HOOKS, generate, gpt_backward, gpt_forward
 from .config import PeftConfig
 from .method import method_of
@@ -177,13 +178,14 @@ class PeftModel:
 
     # ---- forward, backward, generate -----------------------------------------------------------------
 
-    def _hooks(self, training):
-        """The active method's hooks for one forward; none when it is disabled or merged into the base."""
+    def _hooks(self, training, rng=None):
+        """The active method's hooks for one forward; none when it is disabled or merged into the base.
+        rng: the generator its randomness draws from while training (default: the model's)."""
         if self._disabled or self.active_adapter in self._merged:
             return NO_HOOKS
         cfg = self.active_peft_config
         return self.method.hooks(cfg, self.adapters[self.active_adapter], self.base_model.config,
-                                 rng=self._rng if training else None, train=not cfg.inference_mode)
+                                 rng=(rng or self._rng) if training else None, train=not cfg.inference_mode)
 
     def forward(self, idx, targets=None):
         """idx, targets (B,T) ints, targets -100 ignored. Returns logits (B,T,V) of the real tokens, loss."""
@@ -200,8 +202,23 @@ class PeftModel:
             raise RuntimeError("backward() needs a forward pass with targets first: call forward(idx, targets)")
         if self._disabled or self.active_adapter in self._merged:
             raise RuntimeError("the adapter is disabled or merged, so it has nothing to train")
-        hooks = self._cache["hooks"]
-        return gpt_backward(self._cache, set(self.base_model.trainable) | getattr(hooks, "base_grads", set()))
+        return gpt_backward(self._cache, self.base_model.trainable | self._cache["hooks"].base_grads)
+
+    def forward_backward(self, idx, targets, workers=None):
+        """One training step's (loss, grads), the batch split over `workers` threads (None: one per core, at
+        most one per row); the same numbers as forward then backward, up to float rounding. With several
+        workers, each shard draws its random numbers (LoRA dropout) from its own generator, seeded from the
+        model's: the same for a given seed and number of workers."""
+        if self._disabled or self.active_adapter in self._merged:
+            raise RuntimeError("the adapter is disabled or merged, so it has nothing to train")
+        workers = check_workers(workers) or default_workers(len(as_array(idx, "idx")))
+        rngs = [np.random.default_rng(s) for s in self._rng.integers(0, 2 ** 63, size=workers)] if workers > 1 else None
+
+        def run(x, y, shard):
+            hooks = self._hooks(self.training, rngs[shard] if rngs else None)
+            _, loss, cache = gpt_forward(self.base_model.params, x, self.base_model.config, y, hooks=hooks)
+            return loss, gpt_backward(cache, self.base_model.trainable | hooks.base_grads)
+        return forward_backward(run, idx, targets, workers)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
         """As GPT.generate. For prefix tuning the prefix is the KV cache the first token already finds."""
