@@ -31,6 +31,7 @@ from .checkpoint import save_checkpoint
 from .data import corpus_splits, fact_recall_examples
 from .data import get_batch as corpus_windows
 from .optim import AdamW
+from .parallel import cores, parallel_map
 from .peft import get_peft_model
 from .peft.peft_model import CONFIG_NAME, WEIGHTS_NAME, reserved_positions
 from .tasks import IGNORE_INDEX, encode_examples, evaluate, sample_batch
@@ -107,12 +108,11 @@ def val_loss_fn(tokenizer, task, block_size, n=VAL_EXAMPLES, batch_size=32, rese
     chunks = [(idx[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, len(idx), batch_size)]
 
     def eval_fn(model):
-        total, count = 0.0, 0
-        for x, y in chunks:
-            _, loss = model.forward(x, y)
-            n_answer = int((y != IGNORE_INDEX).sum())
-            total, count = total + loss * n_answer, count + n_answer      # weight each chunk by its tokens
-        return total / count
+        def chunk_loss(chunk):
+            x, y = chunk
+            return model.forward(x, y)[1] * int((y != IGNORE_INDEX).sum())    # weight each chunk by its tokens
+        n = sum(int((y != IGNORE_INDEX).sum()) for _, y in chunks)
+        return sum(parallel_map(chunk_loss, chunks, cores())) / n
     return eval_fn
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from .data import (AGE_RANGE, ATTRIBUTES, TEMPLATES, VALUES, _pick, fact_sentence, invented_person, state)
 from .layers import IGNORE_INDEX   # a target the loss skips
+from .parallel import cores, parallel_map
 from .model import is_int
 
 MAX_EXAMPLE_CHARS = 100     # prompt + answer; leaves room in a 128-token context for prefix/prompt tokens
@@ -317,21 +318,24 @@ def _check_fits(n_tokens, block_size, prompt):
                          f"is {block_size}; use a shorter prompt (fewer shots) or a larger block_size")
 
 
-def greedy_continuations(model, tok, prompts, n_new, batch_size=64):
-    """Greedy decoding of n_new[i] tokens after prompts[i]; returns the generated strings."""
+def greedy_continuations(model, tok, prompts, n_new, batch_size=64, workers=None):
+    """Greedy decoding of n_new[i] tokens after prompts[i]; returns the generated strings. The groups of
+    same-length prompts are decoded on `workers` threads (None: one per core)."""
     ids = [tok.encode(p) for p in prompts]
     out = [None] * len(prompts)
-    for rows in _same_length_groups(ids, batch_size):
+
+    def decode(rows):
         x = np.stack([ids[i] for i in rows])                                  # (B,T)
         steps = max(n_new[i] for i in rows)
         _check_fits(x.shape[1] + steps - 1, context_room(model), prompts[rows[0]])
         y = model.generate(x, steps, temperature=0.0)                         # (B,T+steps)
         for i, row in zip(rows, y):
             out[i] = tok.decode(row[x.shape[1]:x.shape[1] + n_new[i]])
+    parallel_map(decode, _same_length_groups(ids, batch_size), workers or cores())
     return out
 
 
-def label_scores(model, tok, prompts, labels, batch_size=64):
+def label_scores(model, tok, prompts, labels, batch_size=64, workers=None):
     """Score each label for each prompt, like a classifier head over the label tokens.
 
     The labels share a prefix (" " in " true\\n" / " false\\n"). The model reads prompt + prefix, and the
@@ -347,11 +351,13 @@ def label_scores(model, tok, prompts, labels, batch_size=64):
     label_ids = tok.encode("".join(label[len(prefix)] for label in labels))
     ids = [tok.encode(p + prefix) for p in prompts]
     scores = np.zeros((len(prompts), len(labels)))
-    for rows in _same_length_groups(ids, batch_size):
+
+    def score(rows):
         x = np.stack([ids[i] for i in rows])                                  # (B,T)
         _check_fits(x.shape[1], context_room(model), prompts[rows[0]])
         logits, _ = model.forward(x)                                          # (B,T,V)
         scores[rows] = logits[:, -1, label_ids]
+    parallel_map(score, _same_length_groups(ids, batch_size), workers or cores())
     return scores
 
 
