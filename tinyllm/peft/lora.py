@@ -20,11 +20,11 @@ from typing import List, Optional, Union
 
 import numpy as np
 
-from ..checks import blocks_exist, block_list, choice, flag, is_int, positive_int, positive_number
+from ..checks import block_list, choice, flag, is_int, positive_int, positive_number
 from ..layers import lora_backward, lora_forward
 from ..model import Hooks, param_shapes
 from .config import PeftConfig
-from .method import Method, register_peft_method
+from .method import LINEARS, Method, linear_shapes, match_modules, register_peft_method
 
 
 @dataclass
@@ -93,17 +93,14 @@ class LoraConfig(PeftConfig):
 # ----------------------------------------------------------------------------------------------------
 # which linears, and their sizes
 
-# the linears of block i that LoRA can attach to, and their (in, out) sizes in units of C
-LINEARS = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4), "mlp.c_proj": (4, 1),
-           "attn.c_attn.q": (1, 1), "attn.c_attn.k": (1, 1), "attn.c_attn.v": (1, 1)}
+# the linears of block i that LoRA can attach to, the thirds of the fused c_attn included
+LORA_LINEARS = {**LINEARS, "attn.c_attn.q": (1, 1), "attn.c_attn.k": (1, 1), "attn.c_attn.v": (1, 1)}
 TOKENS = "wte.trainable_tokens_delta"
 
 
 def module_shapes(model_config):
     """{module name: (in, out)} for every linear LoRA can target, e.g. 'h.0.attn.c_attn': (C, 3C)."""
-    C = model_config.n_embd
-    return {f"h.{i}.{name}": (a * C, b * C)
-            for i in range(model_config.n_layer) for name, (a, b) in LINEARS.items()}
+    return linear_shapes(model_config, LORA_LINEARS)
 
 
 def fused_module(name):
@@ -122,31 +119,11 @@ def lora_parts(name, n_out):
 
 
 def find_targets(config, model_config):
-    """The module names the config targets, matched as PEFT does: a list by exact name or '.'-suffix,
-    a string as a regular expression over the whole name. Raises ValueError for a name that matches
-    nothing, listing the valid names."""
+    """The module names the config targets (method.match_modules: as PEFT matches them), checked: not
+    c_attn and its slices both, a rank no larger than the layer, token ids inside the vocabulary."""
     shapes = module_shapes(model_config)
-    names = list(shapes)
-    if isinstance(config.target_modules, str):
-        targets = [n for n in names if re.fullmatch(config.target_modules, n)]
-        if not targets:
-            raise ValueError(f"LoraConfig.target_modules regex {config.target_modules!r} matches no module; "
-                             f"module names look like {names[:7]}")
-    else:
-        targets = []
-        for t in config.target_modules:
-            hits = [n for n in names if n == t or n.endswith("." + t)]
-            if not hits:
-                valid = sorted(set(LINEARS) | {n.split(".", 1)[1] for n in LINEARS})   # 'c_fc', 'c_attn.q'...
-                raise ValueError(f"LoraConfig.target_modules: {t!r} is not a module of this GPT; valid names: "
-                                 f"{valid} (or full names such as 'h.0.attn.c_attn')")
-            targets += [n for n in hits if n not in targets]
-    if config.layers_to_transform is not None:
-        blocks_exist("LoraConfig", config.layers_to_transform, model_config.n_layer)
-        targets = [n for n in targets if int(n.split(".")[1]) in config.layers_to_transform]
-        if not targets:
-            raise ValueError("LoraConfig.layers_to_transform leaves no target module")
-    targets = sorted(targets, key=names.index)          # the model's order, whatever the config's
+    targets = match_modules("LoraConfig", "target_modules", config.target_modules, list(shapes),
+                            config.layers_to_transform, model_config.n_layer)
     if any(n.endswith("c_attn") for n in targets) and any(".c_attn." in n for n in targets):
         raise ValueError("LoraConfig.target_modules: choose either 'c_attn' or its slices 'c_attn.q|k|v', not both")
     for n in targets:

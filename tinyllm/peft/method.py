@@ -10,8 +10,11 @@ PeftModel, memory, compare, report and bench ask it; none of them names a method
 A method adds parameters of its own and plugs into the base model through tinyllm.model.Hooks; the base
 model's weights stay frozen unless the method says otherwise (base_trainable).
 """
+import re
+
 import numpy as np
 
+from ..checks import blocks_exist
 from ..model import NO_HOOKS
 
 METHODS = {}      # peft_type -> Method
@@ -111,3 +114,43 @@ class Method:
     def loaded_params(self, config, arrays, params, model):
         """The parameters to use from a saved file's arrays (checked against expected_arrays already)."""
         return {k: np.array(arrays[k], dtype=model.dtype) for k in params}
+
+
+# ----------------------------------------------------------------------------------------------------
+# which linear layers a config targets (LoRA's and (IA)^3's target_modules)
+
+LINEARS = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4), "mlp.c_proj": (4, 1)}   # (in, out) / C
+
+
+def linear_shapes(mc, linears=LINEARS):
+    """{module name: (in, out)} of every linear of a model of GPTConfig mc, e.g. 'h.0.attn.c_attn': (C, 3C)."""
+    C = mc.n_embd
+    return {f"h.{i}.{name}": (a * C, b * C) for i in range(mc.n_layer) for name, (a, b) in linears.items()}
+
+
+def match_modules(owner, field, patterns, names, layers=None, n_layer=None):
+    """The names a target_modules-like field picks, as PEFT matches them: a list by exact name or '.'-suffix
+    ('c_proj' is attn.c_proj and mlp.c_proj), a string as a regular expression over the whole name; then
+    only the blocks in layers (layers_to_transform). In the model's order. Raises ValueError naming the
+    valid names for a pattern that matches nothing."""
+    if isinstance(patterns, str):
+        picked = [n for n in names if re.fullmatch(patterns, n)]
+        if not picked:
+            raise ValueError(f"{owner}.{field} regex {patterns!r} matches no module; module names look like "
+                             f"{names[:4]}")
+    else:
+        picked = set()
+        for t in patterns:
+            hits = [n for n in names if n == t or n.endswith("." + t)]
+            if not hits:
+                short = sorted({n.split(".", 2)[2] for n in names} | {n.split(".", 3)[3] for n in names})
+                raise ValueError(f"{owner}.{field}: {t!r} is not a module of this GPT; valid names: {short} "
+                                 f"(or full names such as {names[0]!r})")
+            picked.update(hits)
+        picked = [n for n in names if n in picked]
+    if layers is not None:
+        blocks_exist(owner, layers, n_layer)
+        picked = [n for n in picked if int(n.split(".")[1]) in layers]
+        if not picked:
+            raise ValueError(f"{owner}.layers_to_transform leaves no target module")
+    return picked
