@@ -259,8 +259,9 @@ class Lora(Method):
         """Its parameters, and the base biases it trained (bias='all' or 'lora_only')."""
         return {**params, **{k: model.params[k] for k in bias_names(config, model.config)}}
 
-    def merge(self, config, params, base_params):
+    def merge(self, config, params, model):
         """W += scale * A @ B for every LoRA pair (on its third for a c_attn slice); token rows written in."""
+        base_params = model.params
         for key in params:
             if not key.endswith(".lora_A"):
                 continue

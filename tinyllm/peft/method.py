@@ -97,8 +97,8 @@ class Method:
         """Names of the base weights merge() changes; empty: the method cannot be merged."""
         return []
 
-    def merge(self, config, params, base_params):
-        """Fold the method into the base weights, in place (after which it computes nothing extra)."""
+    def merge(self, config, params, model):
+        """Fold the method into model's weights, in place (after which it computes nothing extra)."""
         raise ValueError(f"{type(config).__name__} cannot be merged into the base weights")
 
     # ---- saving -----------------------------------------------------------------------------------

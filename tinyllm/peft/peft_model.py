@@ -262,7 +262,7 @@ class PeftModel:
         if self.active_adapter not in self._merged:
             base = self.base_model.params
             self._premerge[self.active_adapter] = {k: base[k].copy() for k in changed}
-            self.method.merge(cfg, adapter, base)
+            self.method.merge(cfg, adapter, self.base_model)
             self._merged.add(self.active_adapter)
 
     def unmerge_adapter(self):
