@@ -14,7 +14,7 @@ This lesson:
   1. prompt tuning: what trains (P*C), and a prompt initialised from text IS that text
   2. initialisation: RANDOM, SAMPLE_VOCAB and TEXT, each trained, with its loss curve
   3. adapters: what trains, and the identity at the start (up = 0: logits identical to the base)
-  4. training the adapters
+  4. training the adapters; and (IA)^3, which rescales features instead of adding to them
   5. every method of lessons 05-08 on the same task for the same steps: a closing table
 
 Run from the repository root (about 3 minutes on 2 CPU cores, plus ~3 minutes of pretraining the first
@@ -45,8 +45,8 @@ from tinyllm.presets import tuned_lrs
 LRS = tuned_lrs()
 from tinyllm.data import World
 from tinyllm.finetune import VAL_EXAMPLES, finetune, full_copy_bytes, measure_base
-from tinyllm.peft import (AdapterConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
-                          get_peft_model)
+from tinyllm.peft import (AdapterConfig, FullFineTuningConfig, IA3Config, LoraConfig, PrefixTuningConfig,
+                          PromptTuningConfig, get_peft_model)
 from tinyllm.tasks import get_task
 from lessons.common import CHECKPOINT, load_base, max_diff, same_length_prompts, section
 
@@ -114,6 +114,31 @@ def show_adapter(base, x, m):
     print("(down starts random: were it zero too, gelu(down(a)) would be 0, and so would the gradients of both")
     print(" weight matrices, dW_up = gelu(h)^T dout and dW_down = a^T (dout W_up^T * gelu'(h)): they would never move.)")
     return dict(adapter_trainable=sum(v.size for v in pm.trainable_parameters().values()), adapter_noop_max_diff=d)
+
+
+def show_ia3(base, x):
+    section("4b. (IA)^3: rescaling instead of adding")
+    pm = get_peft_model(base, IA3Config())
+    C = base.config.n_embd
+    print("(IA)^3 (Liu et al., 2022) learns one number per feature that rescales it. pm = get_peft_model(model,")
+    print("IA3Config()), with PEFT's GPT-2 defaults: c_attn's output is rescaled, (x W + b) * l, feature by feature")
+    print("of its queries, keys and values; mlp.c_proj is a feed-forward module, so its input, the MLP's 4C hidden")
+    print("features, is rescaled instead, (x * l) W + b.\n")
+    pm.print_trainable_parameters()
+    print(pm.formula())
+    print(f"  per block 3C + 4C = {3 * C} + {4 * C} = {7 * C:,} numbers: fewer than any other method here (prompt's P*C aside).")
+    d = max_diff(pm.forward(x)[0], base.forward(x)[0])
+    print(f"\nEvery l starts at 1, so the model starts as the base: max |logits(pm) - logits(base)| = {d:g}.")
+    for v in pm.adapters["default"].values():
+        v *= np.random.default_rng(0).uniform(0.5, 1.5, v.shape).astype(v.dtype)      # as if trained
+    before = pm.forward(x)[0]
+    pm.merge_adapter()
+    merged = max_diff(pm.forward(x)[0], before)
+    pm.unmerge_adapter()
+    print(f"A scaling folds into the weights (W's columns and b times l, or W's rows times l): with random l, the")
+    print(f"merged model differs from the unmerged by {merged:.1e} (float rounding), like a merged LoRA: free at inference.")
+    return dict(ia3_trainable=sum(v.size for v in pm.trainable_parameters().values()), ia3_noop_max_diff=d,
+                ia3_merge_max_diff=merged)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,6 +251,7 @@ def main(steps=200, num_virtual_tokens=20, bottleneck_size=16, lora_r=8, batch_s
     print("Nothing forces a prompt to stay among the tokens: after training it is not text any more.")
 
     m_adapter = show_adapter(base, x, m)
+    m_ia3 = show_ia3(base, x)
 
     section("4. training the adapters")
     adapter = finetune(base, tok, AdapterConfig(bottleneck_size=m), task, lr=lr["adapter"], **run)
@@ -240,7 +266,8 @@ def main(steps=200, num_virtual_tokens=20, bottleneck_size=16, lora_r=8, batch_s
               f"LoRA r={lora_r}, all linears": (LoraConfig(r=lora_r, lora_alpha=2 * lora_r,
                                                            target_modules=["c_attn", "c_proj", "c_fc"]), lr["lora"]),
               f"prefix tuning, P={P}, text": (PrefixTuningConfig(num_virtual_tokens=P, init="text",
-                                                                 init_text=init_text), lr["prefix"])}
+                                                                 init_text=init_text), lr["prefix"]),
+              "(IA)^3, GPT-2 defaults": (IA3Config(), lr["ia3"])}
     all_runs = {}
     for label, (cfg, method_lr) in others.items():
         all_runs[label] = finetune(base, tok, cfg, task, lr=method_lr, **run)
@@ -269,7 +296,7 @@ def main(steps=200, num_virtual_tokens=20, bottleneck_size=16, lora_r=8, batch_s
     table = [dict(method=label, lr=r["lr"], trainable_params=r["trainable_params"], formula=r["formula"],
                   saved_bytes=r["saved_bytes"], val_loss_before=r["history"]["val_loss"][0],
                   final_val_loss=r["final_val_loss"], accuracy=r["accuracy_after"]) for label, r in all_runs.items()]
-    return dict(pretrained=config is None, **m_prompt, **m_adapter, text_prompt_distance=distance["nearest"],
+    return dict(pretrained=config is None, **m_prompt, **m_adapter, **m_ia3, text_prompt_distance=distance["nearest"],
                 prompt_val_loss={k: r["final_val_loss"] for k, r in prompt_runs.items()},
                 prompt_val_loss_before={k: r["history"]["val_loss"][0] for k, r in prompt_runs.items()},
                 adapter_val_loss_before=h["val_loss"][0], adapter_val_loss_after=adapter["final_val_loss"],
@@ -279,7 +306,7 @@ def main(steps=200, num_virtual_tokens=20, bottleneck_size=16, lora_r=8, batch_s
 def before_val(runs):
     """The validation loss at step 0 of the runs whose method starts as the base (full, LoRA, adapters)."""
     return next(r["history"]["val_loss"][0] for r in runs.values()
-                if r["method"] in ("FullFineTuningConfig", "LoraConfig", "AdapterConfig"))
+                if r["method"] in ("FullFineTuningConfig", "LoraConfig", "AdapterConfig", "IA3Config"))
 
 
 if __name__ == "__main__":

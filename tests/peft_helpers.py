@@ -4,7 +4,7 @@ import numpy as np
 
 from tinyllm.layers import IGNORE_INDEX
 from tinyllm.model import GPT, GPTConfig
-from tinyllm.peft import (AdapterConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig,
+from tinyllm.peft import (AdapterConfig, FullFineTuningConfig, IA3Config, LoraConfig, PrefixTuningConfig,
                           PromptTuningConfig, get_peft_model)
 
 CFG = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16)
@@ -26,6 +26,9 @@ METHODS = {
                                                     encoder_hidden_size=8),
     "prompt": lambda: PromptTuningConfig(num_virtual_tokens=3),
     "adapters": lambda: AdapterConfig(bottleneck_size=4),
+    "ia3": lambda: IA3Config(init_ia3_weights=False),
+    "ia3 every linear": lambda: IA3Config(target_modules=["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+                                          feedforward_modules=["mlp.c_fc", "mlp.c_proj"], init_ia3_weights=False),
     "full": lambda: FullFineTuningConfig(),
     "full last_k_blocks=1": lambda: FullFineTuningConfig(last_k_blocks=1),
 }

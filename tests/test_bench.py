@@ -6,6 +6,7 @@ import pytest
 from tinyllm import bench
 from tinyllm.memory import training_memory
 from tinyllm.model import GPTConfig
+from tinyllm.presets import MAIN_METHODS
 
 TINY = GPTConfig(vocab_size=16, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
@@ -21,7 +22,7 @@ def test_bench_model_and_generate_report_positive_rates():
     r = bench.bench_model(TINY, 2, repeats=1, torch_ref=False)
     assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(2 * TINY.block_size / r["seconds"])
     g = bench.bench_generate(TINY, n_new=8, repeats=1)
-    assert set(g) == {"base", "full", "lora", "lora merged", "prefix", "prompt", "adapter"}
+    assert set(g) == {"base", "lora merged", *MAIN_METHODS}
     for r in g.values():
         assert r["kv_cache_tokens_per_s"] > 0 and r["no_cache_tokens_per_s"] > 0
         assert r["speedup"] == pytest.approx(r["kv_cache_tokens_per_s"] / r["no_cache_tokens_per_s"])
@@ -60,7 +61,7 @@ def test_profile_layers_counts_the_matmul_flops_of_a_step():
 
 def test_bench_methods_ratios_and_memory_counts():
     rows = bench.bench_methods(TINY, 2, repeats=1)
-    assert set(rows) == {"full", "lora", "prefix", "prompt", "adapter", "frozen"}
+    assert set(rows) == {"frozen", *MAIN_METHODS}
     configs = bench.method_configs()
     for name, r in rows.items():
         T = TINY.block_size - getattr(configs.get(name), "num_virtual_tokens", 0)   # virtual tokens take room

@@ -10,6 +10,8 @@ and its Conv1D weights are (in, out) like ours), then:
     prefix   HF GPT-2 with our prefixes as its KV cache; and peft's PrefixTuningConfig (with and without
              prefix_projection) with our parameters copied into its prompt encoder: logits, gradients, counts
     prompt   HF GPT-2 on inputs_embeds = [prompt; wte[idx]]; and peft's PromptTuningConfig: the same
+    IA3      peft.IA3Config with our vectors copied in (PEFT stores a target's as (out, 1), a feed-forward
+             module's as (1, in)): logits, loss, gradients and the count
 """
 import contextlib
 import inspect
@@ -23,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from tinyllm.layers import IGNORE_INDEX                                          # noqa: E402
-from tinyllm.peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model   # noqa: E402
+from tinyllm.peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model   # noqa: E402
 from peft_helpers import CFG, make_base, make_batch, perturb                    # noqa: E402
 
 V, C, L, NH = CFG.vocab_size, CFG.n_embd, CFG.n_layer, CFG.n_head
@@ -233,4 +235,40 @@ def test_prompt_matches_peft_prompt_tuning(record_error):
     assert d < LOGITS_TOL
     worst = rel(grads["prompt_embeddings"], emb.grad.numpy())
     record_error("hf peft: prompt tuning grads", worst)
+    assert worst < GRAD_TOL
+
+
+# ----------------------------------------------------------------------------------------------------
+# (IA)^3 against peft.IA3Config on HF GPT-2
+
+IA3_CASES = {
+    "GPT-2 defaults": dict(),
+    "every linear": dict(target_modules=["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+                         feedforward_modules=["mlp.c_fc", "mlp.c_proj"]),
+}
+
+
+@pytest.mark.parametrize("case", list(IA3_CASES))
+def test_ia3_matches_peft(case, record_error):
+    kw = IA3_CASES[case]
+    ours = perturb(get_peft_model(make_base(), IA3Config(init_ia3_weights=False, **kw)))
+    theirs = peft.get_peft_model(hf_gpt2(make_base()), peft.IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False,
+                                                                      fan_in_fan_out=True, **kw)).eval()
+    their = {peft_name(n).replace(".ia3_l", "") + ".ia3_l": p for n, p in theirs.named_parameters() if p.requires_grad}
+    assert set(their) == set(ours.adapters["default"])
+    with torch.no_grad():
+        for k, v in ours.adapters["default"].items():
+            their[k].copy_(torch.from_numpy(v.reshape(their[k].shape)))
+    assert printed(theirs.print_trainable_parameters) == printed(ours.print_trainable_parameters)
+    idx, targets = make_batch()
+    logits, loss = ours.forward(idx, targets)
+    grads = ours.backward()
+    hf_logits = call(theirs, idx)
+    hf_loss = torch_loss(hf_logits, targets)
+    hf_loss.backward()
+    d = float(np.max(np.abs(logits - hf_logits.detach().numpy())))
+    record_error(f"hf peft: ia3 {case} logits (abs)", d)
+    assert d < LOGITS_TOL and abs(loss - hf_loss.item()) < LOGITS_TOL
+    worst = max(rel(grads[k], their[k].grad.numpy().reshape(-1)) for k in their)
+    record_error(f"hf peft: ia3 {case} grads", worst)
     assert worst < GRAD_TOL

@@ -84,9 +84,11 @@ def test_08_prompt_tuning_and_adapters(tmp_path):
     assert len(m["prompt_val_loss"]) == 3
     assert m["text_prompt_distance"] > 0                # training moved the TEXT prompt off the token embeddings
     rows = {row["method"].split(",")[0]: row for row in m["table"]}
-    assert set(rows) == {"full fine-tuning", "LoRA r=8", "prefix tuning", "adapters", "prompt tuning"}
+    assert set(rows) == {"full fine-tuning", "LoRA r=8", "prefix tuning", "adapters", "prompt tuning", "(IA)^3"}
     assert rows["prompt tuning"]["trainable_params"] < rows["prefix tuning"]["trainable_params"] \
         < rows["full fine-tuning"]["trainable_params"]
+    assert m["ia3_trainable"] == rows["(IA)^3"]["trainable_params"] == L * 7 * C     # c_attn's 3C, mlp.c_proj's 4C
+    assert m["ia3_noop_max_diff"] == 0.0 and m["ia3_merge_max_diff"] < 1e-5        # ones: the base; merges exactly
     for row in m["table"]:
         assert row["final_val_loss"] < row["val_loss_before"], row["method"]
         assert row["saved_bytes"] <= 1.02 * m["full_copy_bytes"]

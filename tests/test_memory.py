@@ -10,7 +10,7 @@ from tinyllm.memory import (DTYPE_BYTES, GPT2_SIZES, activation_arrays, activati
                             trainable_count, training_memory)
 from tinyllm.model import GPT, GPTConfig
 from tinyllm.optim import AdamW
-from tinyllm.peft import (AdapterConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig,
+from tinyllm.peft import (AdapterConfig, FullFineTuningConfig, IA3Config, LoraConfig, PrefixTuningConfig,
                           PromptTuningConfig, get_peft_model)
 
 SMALL = [GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16),
@@ -32,6 +32,9 @@ METHODS = {
     "prompt": lambda: PromptTuningConfig(num_virtual_tokens=4),
     "adapter": lambda: AdapterConfig(bottleneck_size=3),
     "adapter layers": lambda: AdapterConfig(bottleneck_size=2, layers_to_transform=[1]),
+    "ia3": lambda: IA3Config(),
+    "ia3 every linear": lambda: IA3Config(target_modules=["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+                                          feedforward_modules=["mlp.c_fc", "mlp.c_proj"]),
 }
 
 

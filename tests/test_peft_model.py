@@ -136,6 +136,8 @@ def expected_trainable(method):
         "prefix projection": P * C + (C * 8 + 8) + (8 * 2 * L * C + 2 * L * C),
         "prompt": P * C,
         "adapters": 2 * L * (C * 4 + 4 + 4 * C + C),
+        "ia3": (3 * C + 4 * C) * L,                                          # c_attn's output, mlp.c_proj's input
+        "ia3 every linear": (3 * C + C + C + 4 * C) * L,                     # + attn.c_proj's output, c_fc's input
         "full": base,
         "full last_k_blocks=1": block + 2 * C,
     }[method], base
@@ -366,6 +368,8 @@ def saved_keys(method):
                      for ud in ("down", "up") for wb in ("weight", "bias")],
         "full": list(param_shapes(CFG)),
         "full last_k_blocks=1": block(L - 1) + ["ln_f.weight", "ln_f.bias"],
+        "ia3": [f"h.{i}.{m}.ia3_l" for i in range(L) for m in ("attn.c_attn", "mlp.c_proj")],
+        "ia3 every linear": [f"h.{i}.{m}.ia3_l" for i in range(L) for m in linears],
     }[method])
 
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from .peft import AdapterConfig, FullFineTuningConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from .peft import AdapterConfig, FullFineTuningConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
 
 SWEEPS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweeps")
 DEFAULT_TASK = "extract"          # the lab's task (tinyllm.tasks): read one field off a sentence
@@ -37,6 +37,7 @@ PRESETS = {
                      (3e-2, 1e-1, 3e-1, 1.0), 3e-1),
     "adapter": Preset("adapter", "#ff7f0e", lambda: AdapterConfig(bottleneck_size=16),
                       (3e-3, 1e-2, 3e-2, 1e-1), 3e-2),
+    "ia3": Preset("(IA)³", "#8c564b", lambda: IA3Config(), (1e-2, 3e-2, 1e-1, 3e-1), 1e-1),
 }
 MAIN_METHODS = tuple(PRESETS)
 
