@@ -41,13 +41,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from tinyllm.plots import log_loss_axis, smooth
-from tinyllm.checkpoint import load_checkpoint
 from tinyllm.presets import tuned_lrs
 
 LRS = tuned_lrs()
 from tinyllm.data import World
 from tinyllm.finetune import VAL_EXAMPLES, full_copy_bytes, saved_bytes, task_batches, val_loss_fn
 from tinyllm.model import GPT
+from tinyllm.peft.saving import read_adapter
 from tinyllm.peft import LoraConfig, PeftModel, get_peft_model
 from tinyllm.peft.lora import find_targets, module_shapes
 from tinyllm.tasks import evaluate, get_task
@@ -165,7 +165,7 @@ def show_save_load(pm, base_state, x, folder):
     where = folder if name == "default" else os.path.join(folder, name)
     for f in sorted(os.listdir(where)):
         print(f"  {os.path.relpath(os.path.join(where, f))}: {os.path.getsize(os.path.join(where, f)):,} bytes")
-    arrays, _ = load_checkpoint(os.path.join(where, "adapter_model.npz"))
+    arrays = read_adapter(pm.base_model, where, False)[1]          # tinyllm's names, whichever the format
     adapter_bytes = saved_bytes(where)
     full_bytes = full_copy_bytes(pm.base_model)
     print(f"The file holds {len(arrays)} arrays (an A and a B per module), {sum(a.size for a in arrays.values()):,} "

@@ -42,13 +42,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from tinyllm.plots import log_loss_axis, smooth
-from tinyllm.checkpoint import load_checkpoint
 from tinyllm.presets import tuned_lrs
 
 LRS = tuned_lrs()
 from tinyllm.data import World
 from tinyllm.finetune import VAL_EXAMPLES, finetune, full_copy_bytes, measure_base, saved_bytes, val_loss_fn
 from tinyllm.model import gpt_forward
+from tinyllm.peft.saving import read_adapter
 from tinyllm.peft import PeftModel, PrefixTuningConfig, get_peft_model
 from tinyllm.tasks import get_task
 from lessons.common import CHECKPOINT, indented, load_base, max_diff, same_length_prompts, section
@@ -277,7 +277,7 @@ def main(steps=200, lr=LR, lr_projection=LR_PROJECTION, num_virtual_tokens=20, l
     print(pm_proj.formula())
     proj_dir = os.path.join(out_dir, f"prefix_projection_{task.name}")
     proj_run = finetune(base, tok, proj_cfg, task, lr=lr_projection, out=lambda line: None, save_dir=proj_dir, **run)
-    arrays, _ = load_checkpoint(os.path.join(proj_dir, "adapter_model.npz"))
+    arrays = read_adapter(base, proj_dir, False)[1]                  # what the file holds, in tinyllm's names
     shapes = sorted({a.shape for a in arrays.values()})
     print(f"\nTrained {proj_run['trainable_params']:,} numbers at lr {lr_projection:g}: val loss "
           f"{proj_run['history']['val_loss'][0]:.3f} -> {proj_run['final_val_loss']:.3f}, accuracy "

@@ -39,12 +39,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from tinyllm.plots import log_loss_axis, smooth
-from tinyllm.checkpoint import load_checkpoint
 from tinyllm.presets import tuned_lrs
 
 LRS = tuned_lrs()
 from tinyllm.data import World
 from tinyllm.finetune import VAL_EXAMPLES, finetune, full_copy_bytes, measure_base
+from tinyllm.peft.saving import read_adapter
 from tinyllm.peft import (AdapterConfig, FullFineTuningConfig, IA3Config, LoraConfig, PrefixTuningConfig,
                           PromptTuningConfig, get_peft_model)
 from tinyllm.tasks import get_task
@@ -87,7 +87,7 @@ def show_prompt(base, tok, x, P, init_text):
 def nearest_token_distance(base, folder):
     """Medians over a saved prompt's vectors: the L2 distance to the nearest token embedding, and the lengths
     of the prompt's vectors and of the token embeddings."""
-    prompt = load_checkpoint(os.path.join(folder, "adapter_model.npz"))[0]["prompt_embeddings"]   # (P,C)
+    prompt = read_adapter(base, folder, False)[1]["prompt_embeddings"]                            # (P,C)
     wte = base.params["wte.weight"]                                                                # (V,C)
     d = np.linalg.norm(prompt[:, None, :] - wte[None, :, :], axis=-1)                              # (P,V)
     return dict(nearest=float(np.median(d.min(axis=1))), norm=float(np.median(np.linalg.norm(prompt, axis=1))),
@@ -135,7 +135,7 @@ def show_ia3(base, x):
     pm.merge_adapter()
     merged = max_diff(pm.forward(x)[0], before)
     pm.unmerge_adapter()
-    print(f"A scaling folds into the weights (W's columns and b times l, or W's rows times l): with random l, the")
+    print("A scaling folds into the weights (W's columns and b times l, or W's rows times l): with random l, the")
     print(f"merged model differs from the unmerged by {merged:.1e} (float rounding), like a merged LoRA: free at inference.")
     return dict(ia3_trainable=sum(v.size for v in pm.trainable_parameters().values()), ia3_noop_max_diff=d,
                 ia3_merge_max_diff=merged)
@@ -244,7 +244,7 @@ def main(steps=200, num_virtual_tokens=20, bottleneck_size=16, lora_r=8, batch_s
         print(f"  {init:<13} val loss {h['val_loss'][0]:7.3f} at the start, {r['final_val_loss']:.3f} after {steps} "
               f"steps; accuracy {r['accuracy_after']:.1%}")
     distance = nearest_token_distance(base, os.path.join(out_dir, "prompt_TEXT"))
-    print(f"\nThe trained TEXT prompt, read back from its adapter_model.npz: its vectors are {distance['norm']:.3f} "
+    print(f"\nThe trained TEXT prompt, read back from its saved file: its vectors are {distance['norm']:.3f} "
           f"long (median),")
     print(f"the token embeddings {distance['wte_norm']:.3f}; the nearest token embedding is {distance['nearest']:.3f} "
           f"away (0 at the start).")

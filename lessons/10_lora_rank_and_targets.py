@@ -34,12 +34,12 @@ matplotlib.use("Agg")      # write image files; no window needed
 import matplotlib.pyplot as plt
 import numpy as np
 
-from tinyllm.checkpoint import load_checkpoint
 from tinyllm.presets import tuned_lrs
 
 LRS = tuned_lrs()
 from tinyllm.data import World
 from tinyllm.finetune import finetune, measure_base
+from tinyllm.peft.saving import read_adapter
 from tinyllm.peft import LoraConfig
 from tinyllm.peft.lora import find_targets, module_shapes
 from tinyllm.tasks import get_task
@@ -73,7 +73,7 @@ def run(base, tok, task, config, settings, before, seed=0):
         r = finetune(base, tok, config, task, steps=settings["steps"], batch_size=settings["batch_size"],
                      lr=settings["lr"], seed=seed, eval_interval=max(1, settings["steps"] // 5), out=lambda line: None,
                      before=before, log_interval=settings["steps"], save_dir=folder)
-        arrays, _ = load_checkpoint(os.path.join(folder, "adapter_model.npz"))
+        arrays = read_adapter(base, folder, False)[1]
     dW = [config.scale * arrays[k] @ arrays[k[:-len("lora_A")] + "lora_B"] for k in arrays if k.endswith("lora_A")]
     return {"val_loss": r["final_val_loss"], "accuracy": r["accuracy_after"], "params": r["trainable_params"],
             "update_norm": float(np.sqrt(sum(np.sum(d.astype(np.float64) ** 2) for d in dW))),

@@ -38,12 +38,12 @@ matplotlib.use("Agg")      # write image files; no window needed
 import matplotlib.pyplot as plt
 import numpy as np
 
-from tinyllm.checkpoint import load_checkpoint
 from tinyllm.presets import method_config, tuned_lrs
 from tinyllm.tasks import record_scores
 
 LRS = tuned_lrs()
 from tinyllm.data import World
+from tinyllm.peft.saving import read_adapter
 from tinyllm.finetune import finetune, measure_base, val_loss_fn
 from tinyllm.tasks import evaluate, get_task
 from lessons.common import CHECKPOINT, load_base, section
@@ -63,7 +63,7 @@ def train_and_keep(base, tok, task, method, steps, batch_size, before):
         r = finetune(base, tok, method_config(method), task, steps=steps, batch_size=batch_size, lr=LRS[method],
                      eval_interval=max(1, steps // 4), out=lambda line: None, before=before, save_dir=folder,
                      log_interval=steps)
-        arrays, _ = load_checkpoint(os.path.join(folder, "adapter_model.npz"))
+        arrays = read_adapter(base, folder, False)[1]
     print(f"  {method:<5} {r['trainable_params']:>9,} trainable, lr {LRS[method]:g}: val loss "
           f"{r['history']['val_loss'][0]:.3f} -> {r['final_val_loss']:.3f}, test accuracy {r['accuracy_before']:.3f} -> "
           f"{r['accuracy_after']:.3f} ({r['train_seconds']:.0f} s)", flush=True)

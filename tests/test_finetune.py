@@ -60,7 +60,8 @@ def test_finetune_measures_every_method(setup, method, tmp_path):
     assert set(r["knowledge_after"]) == {"corpus_loss", "window_losses", "fact_recall", "recall_correct"}
     assert np.mean(r["knowledge_after"]["window_losses"]) == pytest.approx(r["knowledge_after"]["corpus_loss"])
     assert np.mean(r["correct_after"]) == r["accuracy_after"]
-    assert sorted(p.name for p in (tmp_path / method).iterdir()) == ["adapter_config.json", "adapter_model.npz"]
+    weights = "adapter_model.npz" if method in ("full", "adapter") else "adapter_model.safetensors"  # PEFT's if it can
+    assert sorted(p.name for p in (tmp_path / method).iterdir()) == ["adapter_config.json", weights]
     assert r["formula"] and r["virtual_tokens"] == getattr(METHODS[method](), "num_virtual_tokens", 0)
     if method == "full":
         assert not r["base_unchanged"] and r["disabled_max_diff"] > 0            # full has no off switch

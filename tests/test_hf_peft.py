@@ -16,6 +16,8 @@ and its Conv1D weights are (in, out) like ours), then:
 import contextlib
 import inspect
 import io
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -25,7 +27,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from tinyllm.layers import IGNORE_INDEX                                          # noqa: E402
-from tinyllm.peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model   # noqa: E402
+from tinyllm.peft import (IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig,   # noqa: E402
+                          get_peft_model)
 from peft_helpers import CFG, make_base, make_batch, perturb                    # noqa: E402
 
 V, C, L, NH = CFG.vocab_size, CFG.n_embd, CFG.n_layer, CFG.n_head
@@ -272,3 +275,69 @@ def test_ia3_matches_peft(case, record_error):
     worst = max(rel(grads[k], their[k].grad.numpy().reshape(-1)) for k in their)
     record_error(f"hf peft: ia3 {case} grads", worst)
     assert worst < GRAD_TOL
+
+
+# ----------------------------------------------------------------------------------------------------
+# PEFT's own adapter files, both ways: tinyllm writes a folder that peft.PeftModel.from_pretrained loads, and
+# reads one that peft's save_pretrained wrote
+
+FORMAT_CASES = {
+    "lora": lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "mlp.c_fc"], init_lora_weights=False),
+    "lora bias=all": lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], bias="all", init_lora_weights=False),
+    "lora trainable tokens": lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], init_lora_weights=False,
+                                                trainable_token_indices=[3, 5]),
+    "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=P),
+    "prefix projection": lambda: PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=True, encoder_hidden_size=8),
+    "prompt": lambda: PromptTuningConfig(num_virtual_tokens=P),
+    "ia3": lambda: IA3Config(init_ia3_weights=False),
+}
+
+
+def peft_logits(model, idx, virtual):
+    """peft's logits for the real tokens (prompt tuning returns the virtual tokens' too, in front)."""
+    with torch.no_grad():
+        return call(model, idx).numpy()[:, virtual:]
+
+
+@pytest.mark.parametrize("case", list(FORMAT_CASES))
+def test_peft_loads_what_tinyllm_saves(case, tmp_path, record_error):
+    ours = perturb(get_peft_model(make_base(), FORMAT_CASES[case]()))
+    for v in ours.base_model.params.values():          # a bias='all' adapter carries base biases it trained
+        v += 0.0
+    ours.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    idx, _ = make_batch()
+    logits = ours.eval().forward(idx)[0]
+    base = make_base()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(hf_gpt2(base), str(tmp_path)).double().eval()
+    complaints = [str(w.message) for w in caught if re.search(r"unexpected|missing|ignored", str(w.message), re.I)]
+    assert complaints == []
+    virtual = P if case == "prompt" else 0
+    d = float(np.max(np.abs(logits - peft_logits(theirs, idx, virtual))))
+    record_error(f"hf peft: {case} saved by tinyllm, loaded by peft (abs)", d)
+    assert d < (1e-6 if case.startswith(("prefix", "prompt")) else LOGITS_TOL)   # peft loads a prompt as float32
+
+
+@pytest.mark.parametrize("case", [c for c in FORMAT_CASES if c != "prefix projection"])
+def test_tinyllm_loads_what_peft_saves(case, tmp_path, record_error):
+    """peft saves its trained-looking adapter; tinyllm loads the folder onto the same base weights."""
+    cfg = FORMAT_CASES[case]()
+    kw = {k: v for k, v in cfg.to_dict().items() if k not in ("peft_type", "inference_mode", "init_lora_weights",
+                                                            "init_ia3_weights", "init", "init_text", "init_std")}
+    cls = {"LoraConfig": peft.LoraConfig, "PrefixTuningConfig": peft.PrefixTuningConfig,
+           "PromptTuningConfig": peft.PromptTuningConfig, "IA3Config": peft.IA3Config}[type(cfg).__name__]
+    extra = {"fan_in_fan_out": True} if cls in (peft.LoraConfig, peft.IA3Config) else {}
+    theirs = peft.get_peft_model(hf_gpt2(make_base()), cls(task_type="CAUSAL_LM", **extra, **kw)).double()
+    with torch.no_grad():                               # move every trainable number off its start
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(str(tmp_path))
+    ours = PeftModel.from_pretrained(make_base(), str(tmp_path))
+    idx, _ = make_batch()
+    virtual = P if case == "prompt" else 0
+    d = float(np.max(np.abs(ours.forward(idx)[0] - peft_logits(theirs.eval(), idx, virtual))))
+    record_error(f"hf peft: {case} saved by peft, loaded by tinyllm (abs)", d)
+    assert d < LOGITS_TOL

@@ -8,16 +8,18 @@ float64 on a tiny GPT, base and adapter weights moved off their initial values, 
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import tinyllm.model
-from tinyllm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinyllm.checkpoint import CheckpointError, save_checkpoint
 from tinyllm.layers import IGNORE_INDEX
 from tinyllm.model import GPT, GPTConfig, param_shapes
 from tinyllm.peft import (AdapterConfig, FullFineTuningConfig, LoraConfig, PeftModel, PrefixTuningConfig,
                           PromptTuningConfig, get_peft_model)
+from tinyllm.peft.saving import read_adapter, weights_file
 from peft_helpers import CFG, METHODS, make_base, make_peft
 
 EXACT = 1e-12
@@ -304,7 +306,7 @@ def test_multiple_lora_adapters(tmp_path):
 
     # each adapter saves on its own: 'default' in the folder, the others in sub-folders
     pm.save_pretrained(tmp_path)
-    assert os.path.isfile(tmp_path / "adapter_model.npz") and os.path.isfile(tmp_path / "mlp" / "adapter_model.npz")
+    assert all(os.path.isfile(f / "adapter_model.safetensors") for f in (tmp_path, tmp_path / "mlp"))   # PEFT's format
     pm.load_adapter(str(tmp_path / "mlp"), "mlp copy")
     pm.set_adapter("mlp copy")
     assert np.array_equal(pm.forward(idx)[0], b)
@@ -373,6 +375,9 @@ def saved_keys(method):
     }[method])
 
 
+TINYLLM_FORMAT = ("lora q,v slices", "adapters", "full", "full last_k_blocks=1")   # no PEFT equivalent
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_save_and_load_round_trip(method, tmp_path):
     pm = make_peft(method)
@@ -381,9 +386,10 @@ def test_save_and_load_round_trip(method, tmp_path):
     logits = pm.forward(idx)[0]
     trainable_keys = sorted(pm.trainable_parameters())
     pm.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.npz"]
+    weights = "adapter_model.npz" if method in TINYLLM_FORMAT else "adapter_model.safetensors"
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", weights]
 
-    arrays, _ = load_checkpoint(tmp_path / "adapter_model.npz")
+    _, arrays = read_adapter(make_base(), str(tmp_path), False)      # in tinyllm's names, whichever the format
     assert sorted(arrays) == saved_keys(method)
     if method == "prefix projection":        # only the prefixes the MLP made, not the MLP
         assert all(a.shape == (P, C) for a in arrays.values()) and len(arrays) == 2 * L
@@ -411,7 +417,7 @@ def test_adapter_file_is_far_smaller_than_the_model(method, tmp_path):
     base = GPT(config, dtype=np.float64)
     get_peft_model(base, METHODS[method]()).save_pretrained(tmp_path / "adapter")
     save_checkpoint(tmp_path / "full.npz", base.state_dict(), {})
-    ratio = os.path.getsize(tmp_path / "adapter" / "adapter_model.npz") / os.path.getsize(tmp_path / "full.npz")
+    ratio = os.path.getsize(weights_file(tmp_path / "adapter")) / os.path.getsize(tmp_path / "full.npz")
     if method == "full":
         assert ratio > 0.99                                            # a full copy of the model
     elif method == "full last_k_blocks=1":
@@ -472,10 +478,10 @@ def test_full_checkpoint_onto_another_config_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "missing weights", "missing config",
                                     "bad json", "other method's weights"])
-def test_damaged_adapter_folder_is_a_checkpoint_error(damage, tmp_path):
-    pm = make_peft("lora c_attn")
-    pm.save_pretrained(tmp_path)
-    weights, config = tmp_path / "adapter_model.npz", tmp_path / "adapter_config.json"
+@pytest.mark.parametrize("method", ["lora c_attn", "adapters"])           # PEFT's format and tinyllm's
+def test_damaged_adapter_folder_is_a_checkpoint_error(damage, method, tmp_path):
+    make_peft(method).save_pretrained(tmp_path)
+    weights, config = Path(weights_file(tmp_path)), tmp_path / "adapter_config.json"
     data = weights.read_bytes()
     if damage == "garbage":
         weights.write_bytes(b"not a zip file at all" * 10)
@@ -490,8 +496,8 @@ def test_damaged_adapter_folder_is_a_checkpoint_error(damage, tmp_path):
     elif damage == "bad json":
         config.write_text("{ not json")
     else:
-        make_peft("adapters").save_pretrained(tmp_path / "other")
-        weights.write_bytes((tmp_path / "other" / "adapter_model.npz").read_bytes())
+        make_peft("prompt" if method == "lora c_attn" else "lora q,v slices").save_pretrained(tmp_path / "other")
+        weights.write_bytes(Path(weights_file(tmp_path / "other")).read_bytes())
     with pytest.raises(CheckpointError):
         PeftModel.from_pretrained(make_base(), str(tmp_path))
 

@@ -33,7 +33,7 @@ from .data import get_batch as corpus_windows
 from .optim import AdamW
 from .parallel import cores, parallel_map
 from .peft import get_peft_model
-from .peft.peft_model import CONFIG_NAME, WEIGHTS_NAME, reserved_positions
+from .peft.peft_model import reserved_positions
 from .tasks import IGNORE_INDEX, encode_examples, evaluate, sample_batch
 from .train import TrainConfig, train
 
@@ -117,8 +117,9 @@ def val_loss_fn(tokenizer, task, block_size, n=VAL_EXAMPLES, batch_size=32, rese
 
 
 def saved_bytes(folder):
-    """Bytes of the two files save_pretrained wrote into folder: adapter_config.json and adapter_model.npz."""
-    return sum(os.path.getsize(os.path.join(folder, name)) for name in (CONFIG_NAME, WEIGHTS_NAME))
+    """Bytes of the files save_pretrained wrote into folder: adapter_config.json and the weights."""
+    return sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)
+               if os.path.isfile(os.path.join(folder, name)))
 
 
 def full_copy_bytes(model):

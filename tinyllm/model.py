@@ -350,7 +350,7 @@ def generate(forward, idx, max_new_tokens, block_size, temperature=1.0, top_k=No
 class GPT:
     """GPT-2 with its parameters in `params` and a set of `trainable` names (all of them by default)."""
 
-    def __init__(self, config, seed=0, dtype=np.float32):
+    def __init__(self, config, seed=0, dtype=np.float32, init=True):
         if isinstance(config, dict):
             unknown = sorted(set(config) - set(GPTConfig.__dataclass_fields__))
             if unknown:
@@ -366,13 +366,26 @@ class GPT:
         if not floating:
             raise TypeError(f"dtype must be a numpy float type such as np.float32 or np.float64, got {dtype!r}")
         self.config = config
-        self.params = init_params(config, seed, dtype)
+        self.params = init_params(config, seed, dtype) if init else \
+            {k: np.zeros(shape, dtype) for k, shape in param_shapes(config).items()}   # to be loaded
         self.trainable = set(self.params)
         self._cache = None
 
     @property
     def dtype(self):
         return self.params["wte.weight"].dtype
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=np.float32):
+        """GPT-2 from a Hugging Face folder (config.json + model.safetensors; tinyllm.hf), e.g. one you
+        downloaded: any size, gpt2 to gpt2-xl or distilgpt2."""
+        from .hf import load_gpt2
+        return load_gpt2(folder, dtype)
+
+    def save_pretrained(self, folder):
+        """Write a Hugging Face GPT-2 folder (config.json + model.safetensors) that transformers loads."""
+        from .hf import save_gpt2
+        save_gpt2(self, folder)
 
     def forward(self, idx, targets=None):
         """idx, targets (B,T) ints; targets equal to -100 are ignored. Returns logits (B,T,V), loss or None."""

@@ -30,7 +30,7 @@ import numpy as np
 from .checkpoint import atomic_open, load_pretrained
 from .data import World
 from .finetune import finetune
-from .peft.peft_model import base_fingerprint
+from .peft.saving import base_fingerprint
 from .presets import MAIN_METHODS, PRESETS, VARIANTS, method_config, sweep_folder, tuned, variant_config
 from .tasks import get_task
 from .pretrain import PRETRAIN_OUT

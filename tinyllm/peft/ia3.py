@@ -20,7 +20,8 @@ import numpy as np
 from ..checks import flag
 from ..model import Hooks
 from .config import PeftConfig
-from .method import Method, linear_shapes, match_modules, register_peft_method
+from .method import (Method, PeftFormatError, check_peft_fields, linear_shapes, match_modules, our_key, peft_key,
+                     register_peft_method)
 
 KEY = ".ia3_l"
 
@@ -161,6 +162,26 @@ class IA3(Method):
             else:                                                    # (x @ W + b) * l = x @ (W * l) + b * l
                 W *= l.astype(W.dtype)
                 b *= l.astype(b.dtype)
+
+    # PEFT's format: a target's vector as (out, 1), a feed-forward module's as (1, in), under the linear's name
+
+    def to_peft(self, config, arrays, model):
+        fields = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": config.target_modules,
+                  "feedforward_modules": config.feedforward_modules, "fan_in_fan_out": True,
+                  "init_ia3_weights": config.init_ia3_weights, "inference_mode": True, "base_model_name_or_path": None,
+                  "modules_to_save": None}
+        ff = targets(config, model.config)
+        return fields, {peft_key(k): a.reshape((1, -1) if ff[k[:-len(KEY)]] else (-1, 1)) for k, a in arrays.items()}
+
+    def from_peft(self, fields, arrays, model, where="adapter_config.json"):
+        check_peft_fields(where, fields, {"target_modules", "feedforward_modules", "fan_in_fan_out", "init_ia3_weights"})
+        config = IA3Config(target_modules=fields["target_modules"], feedforward_modules=fields.get("feedforward_modules"),
+                           init_ia3_weights=fields.get("init_ia3_weights", True))
+        ours = {our_key(k): a.reshape(-1) for k, a in arrays.items()}
+        if not all(k.endswith(KEY) for k in ours):
+            raise PeftFormatError(f"{where}: the weights hold {sorted(k for k in ours if not k.endswith(KEY))[:2]}, "
+                                  f"which are not (IA)^3 vectors")
+        return config, ours
 
 
 register_peft_method(IA3())

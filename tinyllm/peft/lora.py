@@ -24,7 +24,8 @@ from ..checks import block_list, choice, flag, is_int, positive_int, positive_nu
 from ..layers import lora_backward, lora_forward
 from ..model import Hooks, param_shapes
 from .config import PeftConfig
-from .method import LINEARS, Method, linear_shapes, match_modules, register_peft_method
+from .method import (LINEARS, Method, PeftFormatError, check_peft_fields, linear_shapes, match_modules, our_key,
+                     peft_key, register_peft_method)
 
 
 @dataclass
@@ -274,6 +275,63 @@ class Lora(Method):
             W[:, cols] += delta.astype(W.dtype)
         if TOKENS in params:
             base_params["wte.weight"][config.trainable_token_indices] = params[TOKENS]
+
+    # PEFT's format: lora_A.weight (r, in) and lora_B.weight (out, r), torch's nn.Linear layout, the transposes
+    # of tinyllm's; a targeted linear's own bias under .base_layer.bias; the token rows under the embedding's
+    # token_adapter
+
+    def to_peft(self, config, arrays, model):
+        if any(k.endswith((".q.lora_A", ".k.lora_A", ".v.lora_A")) for k in arrays):
+            raise PeftFormatError("LoRA on a third of c_attn (c_attn.q, .k or .v) has no PEFT equivalent: in "
+                                  "transformers GPT-2's c_attn is one fused linear; it is saved in tinyllm's format")
+        fields = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.lora_alpha,
+                  "target_modules": config.target_modules, "fan_in_fan_out": True, "lora_dropout": config.lora_dropout,
+                  "bias": config.bias, "use_rslora": config.use_rslora, "init_lora_weights": config.init_lora_weights,
+                  "layers_to_transform": config.layers_to_transform,
+                  "trainable_token_indices": config.trainable_token_indices, "modules_to_save": None,
+                  "inference_mode": True, "base_model_name_or_path": None}
+        targeted = {k[:-len(".lora_A")] for k in arrays if k.endswith(".lora_A")}
+        out = {}
+        for k, a in arrays.items():
+            if k.endswith((".lora_A", ".lora_B")):
+                out[peft_key(k + ".weight")] = a.T
+            elif k == TOKENS:
+                out[peft_key("wte.token_adapter.trainable_tokens_delta")] = a
+            else:                                                         # a bias it trained
+                module = k[:-len(".bias")]
+                out[peft_key(module + (".base_layer.bias" if module in targeted else ".bias"))] = a
+        return fields, out
+
+    def from_peft(self, fields, arrays, model, where="adapter_config.json"):
+        check_peft_fields(where, fields, {"r", "lora_alpha", "target_modules", "fan_in_fan_out", "lora_dropout", "bias",
+                                          "use_rslora", "init_lora_weights", "layers_to_transform",
+                                          "trainable_token_indices"},
+                          defaults={"megatron_core": "megatron.core", "qalora_group_size": 16})
+        tokens = fields.get("trainable_token_indices")
+        if isinstance(tokens, dict):          # PEFT's {layer: ids} form: tinyllm's only embedding is wte
+            if set(tokens) - {"wte", "transformer.wte"}:
+                raise PeftFormatError(f"{where}: trainable_token_indices for {sorted(tokens)}; tinyllm has only wte")
+            tokens = next(iter(tokens.values()))
+        if fields.get("init_lora_weights", True) not in (True, False, "gaussian"):
+            raise PeftFormatError(f"{where}: init_lora_weights = {fields['init_lora_weights']!r} is not implemented by "
+                                  f"tinyllm (True, False or 'gaussian')")
+        config = LoraConfig(r=fields["r"], lora_alpha=fields["lora_alpha"], target_modules=fields["target_modules"],
+                            lora_dropout=fields.get("lora_dropout", 0.0), bias=fields.get("bias", "none"),
+                            use_rslora=fields.get("use_rslora", False),
+                            init_lora_weights=fields.get("init_lora_weights", True),
+                            layers_to_transform=fields.get("layers_to_transform"), trainable_token_indices=tokens)
+        ours = {}
+        for k, a in arrays.items():
+            name = our_key(k)
+            if name.endswith((".lora_A.weight", ".lora_B.weight")):
+                ours[name[:-len(".weight")]] = a.T
+            elif name == "wte.token_adapter.trainable_tokens_delta":
+                ours[TOKENS] = a
+            elif name.endswith(".bias"):
+                ours[name.replace(".base_layer", "")] = a
+            else:
+                raise PeftFormatError(f"{where}: the weights hold {k!r}, which is not part of a LoRA adapter")
+        return config, ours
 
 
 register_peft_method(Lora())

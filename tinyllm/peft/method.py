@@ -115,6 +115,54 @@ class Method:
         """The parameters to use from a saved file's arrays (checked against expected_arrays already)."""
         return {k: np.array(arrays[k], dtype=model.dtype) for k in params}
 
+    # ---- Hugging Face PEFT's format -----------------------------------------------------------------
+
+    def to_peft(self, config, arrays, model):
+        """(adapter_config.json's fields, {PEFT key: array}) as PEFT writes this method, from saved_arrays();
+        raises PeftFormatError when PEFT has no way to express it."""
+        raise PeftFormatError(f"PEFT has no {type(config).__name__} for GPT-2; it is saved in tinyllm's format")
+
+    def from_peft(self, fields, arrays, model):
+        """(config, {tinyllm key: array} as saved_arrays() makes them) from a PEFT folder's config fields and
+        weights; raises CheckpointError for what tinyllm cannot compute."""
+        raise PeftFormatError(f"tinyllm cannot read PEFT's {fields.get('peft_type')!r} adapters")
+
+
+class PeftFormatError(ValueError):
+    """A method or an option that Hugging Face PEFT's adapter format cannot express (or tinyllm cannot read)."""
+
+
+# PEFT's names: 'base_model.model.' + transformers' name of the parameter ('transformer.' + tinyllm's)
+PEFT_PREFIX = "base_model.model.transformer."
+# what every PEFT adapter_config.json may hold without changing what the adapter computes
+COMMON_FIELDS = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
+                 "auto_mapping", "modules_to_save"}
+
+
+def peft_key(name):
+    return PEFT_PREFIX + name
+
+
+def our_key(key):
+    """'base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight' -> 'h.0.attn.c_attn.lora_A.weight'."""
+    for prefix in ("base_model.model.", "transformer."):
+        key = key[len(prefix):] if key.startswith(prefix) else key
+    return key.replace(".default", "")
+
+
+def check_peft_fields(path, fields, understood, defaults=None):
+    """Refuse, by name, a field of a PEFT adapter_config.json that would change what the adapter computes and
+    that tinyllm does not implement: any field outside COMMON_FIELDS and understood whose value is not empty
+    (None, False, {}, [], '') or PEFT's own default (defaults)."""
+    if fields.get("task_type") not in (None, "CAUSAL_LM"):
+        raise PeftFormatError(f"{path}: task_type {fields['task_type']!r}; tinyllm's adapters are CAUSAL_LM")
+    for k, v in fields.items():
+        if k in COMMON_FIELDS - {"modules_to_save"} or k in understood:
+            continue
+        if v in (None, False, {}, [], "") or (defaults or {}).get(k, object()) == v:
+            continue
+        raise PeftFormatError(f"{path}: {k} = {v!r} is a PEFT option tinyllm does not implement")
+
 
 # ----------------------------------------------------------------------------------------------------
 # which linear layers a config targets (LoRA's and (IA)^3's target_modules)

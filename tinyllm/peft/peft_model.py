@@ -11,30 +11,17 @@ train (none for a PEFT method), so the base weights get no gradient computed at 
 carry several named adapters (one per task); one of them is active at a time.
 """
 import contextlib
-import hashlib
-import json
 import os
 
 import numpy as np
 
-from ..checkpoint import CheckpointError, atomic_open, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError
 from ..checks import as_array, check_weights
 from ..parallel import check_workers, default_workers, forward_backward
 from ..model import NO_HOOKS, generate, gpt_backward, gpt_forward
-from .config import PeftConfig
 from .method import method_of
+from .saving import base_fingerprint, read_adapter, write_adapter
 
-CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.npz"
-
-
-def base_fingerprint(model):
-    """A short hash of the base model's config and weights (as float32), stored with every adapter, so
-    an adapter is never silently loaded onto a base it was not trained on."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for name, value in model.params.items():
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(value, dtype=np.float32).tobytes())
-    return h.hexdigest()[:16]
 
 
 def reserved_positions(config):
@@ -283,24 +270,18 @@ class PeftModel:
 
     # ---- saving and loading --------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory):
-        """Write each adapter as adapter_config.json + adapter_model.npz: 'default' in save_directory,
-        others in save_directory/<name>/. Only the method's arrays are written, not the base model."""
+    def save_pretrained(self, save_directory, format=None):
+        """Write each adapter ('default' in save_directory, others in save_directory/<name>/): in Hugging Face
+        PEFT's format where the method has one, else in tinyllm's (tinyllm.peft.saving); format='peft' or
+        'tinyllm' insists on one. Only the method's arrays are written, not the base model."""
         for name, cfg in self.peft_config.items():
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(folder, exist_ok=True)
-            meta = {**cfg.to_dict(), "base_fingerprint": self.fingerprint,
-                    "base_config": self.base_model.config.to_dict(), "format": "tinyllm-adapter-1"}
-            meta["inference_mode"] = False
-            arrays = method_of(cfg).saved_arrays(cfg, self.adapters[name], self.base_model)
-            save_checkpoint(os.path.join(folder, WEIGHTS_NAME), arrays, {"adapter": meta})
-            with atomic_open(os.path.join(folder, CONFIG_NAME)) as f:
-                f.write(json.dumps(meta, indent=2).encode())
+            write_adapter(folder, cfg, self.adapters[name], self.base_model, self.fingerprint, format)
 
     @classmethod
     def from_pretrained(cls, model, model_id, adapter_name="default", is_trainable=False, tokenizer=None):
-        """Load an adapter saved by save_pretrained onto `model`, the base it was trained on. As in PEFT,
-        it is loaded for inference (nothing trains) unless is_trainable=True."""
+        """Load an adapter saved by save_pretrained (or by PEFT) onto `model`, the base it was trained on. As
+        in PEFT, it is loaded for inference (nothing trains) unless is_trainable=True."""
         config, arrays = read_adapter(model, model_id, is_trainable)
         pm = cls(model, config, adapter_name, tokenizer)
         pm._install(adapter_name, arrays)
@@ -336,40 +317,6 @@ class PeftModel:
             self.base_model.load_state_dict({**base, **base_arrays})
         own = {k: a for k, a in arrays.items() if k not in base}
         self.adapters[adapter_name] = method.loaded_params(cfg, own, self.adapters[adapter_name], self.base_model)
-
-
-def read_adapter(model, model_id, is_trainable, fingerprint=None):
-    """Read and check a saved adapter. Raises CheckpointError (a ValueError) with what went wrong."""
-    if not isinstance(model_id, (str, os.PathLike)):
-        raise TypeError(f"model_id must be the path of a folder written by save_pretrained(), got {model_id!r}")
-    cfg_path, weights_path = os.path.join(model_id, CONFIG_NAME), os.path.join(model_id, WEIGHTS_NAME)
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"no {CONFIG_NAME} in {model_id!r}: is this a folder written by save_pretrained()?")
-    try:
-        with open(cfg_path) as f:
-            meta = json.load(f)
-        written = dict(meta)
-        base_config = meta.pop("base_config")
-        saved_fp = meta.pop("base_fingerprint")
-        meta.pop("format", None)
-        config = PeftConfig.from_dict(meta)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{cfg_path} is not a valid adapter config ({e})") from None
-    if base_config != model.config.to_dict():
-        raise CheckpointError(f"adapter in {model_id!r} was trained on a base with config {base_config}, but this "
-                              f"model has {model.config.to_dict()}; load it onto the base it was trained on")
-    current = None if method_of(config).trains_base else fingerprint or base_fingerprint(model)
-    if current is not None and saved_fp != current:   # a full fine-tuning replaces the base: nothing to check
-        raise CheckpointError(f"adapter in {model_id!r} was trained on different base weights (fingerprint "
-                              f"{saved_fp}, this base {current}); load the base checkpoint it was trained from")
-    config.inference_mode = not is_trainable
-    arrays, weights_meta = load_checkpoint(weights_path)
-    if "adapter" in weights_meta and weights_meta["adapter"] != written:   # save_pretrained writes both the same
-        changed = sorted(k for k in set(written) | set(weights_meta["adapter"])
-                         if written.get(k) != weights_meta["adapter"].get(k))
-        raise CheckpointError(f"{cfg_path} and {weights_path} disagree on {changed}: they come from different "
-                              f"saves (a save interrupted between the two files, or an edited config?); save again")
-    return config, arrays
 
 
 def get_peft_model(model, peft_config, adapter_name="default", tokenizer=None, seed=0):

@@ -22,7 +22,7 @@ from ..checks import choice, flag, optional_text, positive_int, positive_number
 from ..layers import linear_backward, linear_forward
 from ..model import Hooks, gpt_forward
 from .config import PeftConfig
-from .method import Method, register_peft_method
+from .method import Method, PeftFormatError, check_peft_fields, register_peft_method
 
 ENCODER = "prefix_encoder."
 
@@ -194,6 +194,36 @@ class PrefixTuning(Method):
     def loaded_params(self, config, arrays, params, model):
         """Saved prefixes load as plain prefixes: a trained MLP is not saved (as PEFT does)."""
         return {k: np.array(arrays[k], dtype=model.dtype) for k in prefix_keys(model.config.n_layer)}
+
+    # PEFT's format: one (P, 2LC) 'prompt_embeddings', layer i's keys in columns [2iC, (2i+1)C) and its values
+    # in [(2i+1)C, (2i+2)C), each C-wide block head-major, as past_key_values are laid out
+
+    def to_peft(self, config, arrays, model):
+        mc = model.config
+        fields = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": config.num_virtual_tokens,
+                  "token_dim": mc.n_embd, "num_layers": mc.n_layer, "num_attention_heads": mc.n_head,
+                  "num_transformer_submodules": 1, "prefix_projection": False,     # the file holds the prefixes
+                  "encoder_hidden_size": config.encoder_hidden_size, "inference_mode": True,
+                  "base_model_name_or_path": None, "modules_to_save": None}
+        return fields, {"prompt_embeddings": np.concatenate([arrays[k] for k in prefix_keys(mc.n_layer)], axis=1)}
+
+    def from_peft(self, fields, arrays, model, where="adapter_config.json"):
+        mc = model.config
+        check_peft_fields(where, fields, {"num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads",
+                                          "num_transformer_submodules", "prefix_projection", "encoder_hidden_size"})
+        sizes = {"token_dim": mc.n_embd, "num_layers": mc.n_layer, "num_attention_heads": mc.n_head,
+                 "num_transformer_submodules": 1}
+        wrong = {k: fields.get(k) for k, v in sizes.items() if fields.get(k, v) != v}
+        if wrong:
+            raise PeftFormatError(f"{where}: {wrong} do not fit this GPT {sizes}; load it onto the base it was trained on")
+        config = PrefixTuningConfig(num_virtual_tokens=fields["num_virtual_tokens"])
+        if set(arrays) != {"prompt_embeddings"}:
+            raise PeftFormatError(f"{where}: a prefix-tuning file holds 'prompt_embeddings' only, got {sorted(arrays)[:3]}")
+        emb = arrays["prompt_embeddings"]                                        # (P, 2LC)
+        if emb.shape != (config.num_virtual_tokens, 2 * mc.n_layer * mc.n_embd):
+            raise PeftFormatError(f"{where}: prompt_embeddings has shape {emb.shape}, not (P, 2LC) = "
+                                  f"{(config.num_virtual_tokens, 2 * mc.n_layer * mc.n_embd)}")
+        return config, dict(zip(prefix_keys(mc.n_layer), np.split(emb, 2 * mc.n_layer, axis=1)))
 
 
 register_peft_method(PrefixTuning())

@@ -17,7 +17,7 @@ import numpy as np
 from ..checks import choice, optional_text, positive_int
 from ..model import Hooks
 from .config import PeftConfig
-from .method import Method, register_peft_method
+from .method import Method, PeftFormatError, check_peft_fields, register_peft_method
 
 
 @dataclass
@@ -84,6 +84,31 @@ class PromptTuning(Method):
 
     def hooks(self, config, params, mc, rng=None, train=True):
         return PromptHooks(params, train)
+
+    # PEFT's format: the (P, C) 'prompt_embeddings' themselves
+
+    def to_peft(self, config, arrays, model):
+        mc = model.config
+        fields = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": config.num_virtual_tokens,
+                  "token_dim": mc.n_embd, "num_layers": mc.n_layer, "num_attention_heads": mc.n_head,
+                  "num_transformer_submodules": 1,
+                  # how it started does not matter once trained; TEXT would make PEFT look for a tokenizer
+                  "prompt_tuning_init": "RANDOM" if config.prompt_tuning_init == "TEXT" else config.prompt_tuning_init,
+                  "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "inference_mode": True,
+                  "base_model_name_or_path": None, "modules_to_save": None}
+        return fields, {"prompt_embeddings": arrays["prompt_embeddings"]}
+
+    def from_peft(self, fields, arrays, model, where="adapter_config.json"):
+        mc = model.config
+        check_peft_fields(where, fields, {"num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads",
+                                          "num_transformer_submodules", "prompt_tuning_init", "prompt_tuning_init_text",
+                                          "tokenizer_name_or_path", "tokenizer_kwargs"})
+        if fields.get("token_dim", mc.n_embd) != mc.n_embd or fields.get("num_transformer_submodules", 1) != 1:
+            raise PeftFormatError(f"{where}: token_dim {fields.get('token_dim')} does not fit this GPT (n_embd "
+                                  f"{mc.n_embd}); load it onto the base it was trained on")
+        if set(arrays) != {"prompt_embeddings"}:
+            raise PeftFormatError(f"{where}: a prompt-tuning file holds 'prompt_embeddings' only, got {sorted(arrays)[:3]}")
+        return PromptTuningConfig(num_virtual_tokens=fields["num_virtual_tokens"]), dict(arrays)
 
 
 register_peft_method(PromptTuning())
