@@ -168,3 +168,24 @@ def test_16_speed(tmp_path):
     assert m["generation"]["base"]["speedup"] > 0
     assert_figures(m["figures"], tmp_path, 1)
 
+
+
+def test_18_to_hugging_face_and_back(tmp_path):
+    """Without --gpt2 on a tiny random model; then --gpt2 on a tiny GPT-2 folder with a small BPE vocabulary,
+    made here the way the lesson learns its merges."""
+    lesson = load_lesson("18_to_hugging_face_and_back")
+    m = lesson.main(steps=2, config=dict(n_layer=1, n_head=2, n_embd=16), out_dir=str(tmp_path / "out"))
+    assert m["round_trip_exact"] and m["adapter_round_trip_max_diff"] == 0.0
+    assert m["tensors"] == 2 + 12 + 2 and m["adapter_arrays"] == 2              # one block: 16 weights; A, B
+    assert m["round_trip"] and m["merge_steps"] >= 2
+    if m["pytorch_max_diff"] is not None:                                       # transformers and peft installed
+        assert m["pytorch_max_diff"] < 1e-4
+    import json
+    from tinyllm import GPT, GPTConfig
+    vocab, merges = lesson.learn_merges("the cat sat on the mat and the cat ate. " * 20, 20)
+    folder = tmp_path / "gpt2"
+    GPT(GPTConfig(vocab_size=len(vocab), block_size=64, n_layer=1, n_head=2, n_embd=16)).save_pretrained(folder)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    m = lesson.real_gpt2(str(folder), steps=3, echo=lambda line: None)
+    assert m["gpt2_trainable"] == 8 * (16 + 48) and len(m["gpt2_losses"]) == 3
