@@ -182,8 +182,41 @@ def run_sweep(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+# check
 
-COMMANDS = [add_pretrain, add_bench, add_compare, add_sweep]
+def add_check(subparsers):
+    from .exercises import EXERCISES
+    p = subparsers.add_parser(
+        "check", help="check your solution to an exercise in lessons/exercises/ (gradient checks, with hints)",
+        description="Import your lessons/exercises/NAME.py, compare its forward with tinyllm's and every gradient "
+                    "it returns with centred finite differences and with tinyllm's backward, in float64, and print "
+                    "a table; when a check fails, say what the mistake looks like. Exit status 0 when every check "
+                    "passes, 1 when one fails or is not implemented yet.")
+    p.add_argument("name", nargs="?", choices=list(EXERCISES), metavar="NAME",
+                   help=f"the exercise: {', '.join(EXERCISES)}")
+    p.add_argument("--file", metavar="PATH", help="your solution (default lessons/exercises/NAME.py)")
+    p.add_argument("--list", action="store_true", help="list the exercises, in the order to do them")
+    p.set_defaults(run=run_check)
+
+
+def run_check(args):
+    from .exercises import ExerciseError, check, list_exercises
+    if args.list:
+        list_exercises()
+        return 0
+    if args.name is None:
+        return fail("name the exercise to check, e.g. `python -m tinyllm check gelu`, or list them with "
+                    "`python -m tinyllm check --list`")
+    try:
+        result = check(args.name, args.file)
+    except ExerciseError as e:
+        return fail(e)
+    return 0 if result.ok else 1
+
+
+# ----------------------------------------------------------------------------------------------------
+
+COMMANDS = [add_pretrain, add_bench, add_compare, add_sweep, add_check]
 
 
 def build_parser():

@@ -22,7 +22,7 @@ import numpy as np
 
 from .checkpoint import CheckpointError, atomic_open
 from .model import GPT, GPTConfig, param_shapes
-from .safetensors import load_file, save_file
+from .safetensors import load_into, read_header, save_file
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 BUFFERS = (".attn.bias", ".attn.masked_bias")      # the causal mask GPT-2 once stored: not weights
@@ -64,8 +64,7 @@ def read_config(folder):
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def gpt2_weights(folder, config):
-    """{tinyllm name: array} from the folder's model.safetensors (memory-mapped: nothing is copied yet)."""
+def weights_path(folder):
     path = os.path.join(folder, WEIGHTS)
     if not os.path.isfile(path):
         pickled = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack") if os.path.exists(os.path.join(folder, n))]
@@ -74,38 +73,50 @@ def gpt2_weights(folder, config):
                                              f"never opens one)" if pickled else "") +
             "; download the repository's model.safetensors (Hugging Face's GPT-2 repositories have one), or convert "
             "with transformers: GPT2LMHeadModel.from_pretrained(folder).save_pretrained(folder)")
-    arrays, _ = load_file(path)
-    weights, head = {}, None
-    for key, a in arrays.items():
+    return path
+
+
+def file_names(path, config):
+    """{tinyllm name: the file's name for it} from the header alone, and the name of an lm_head.weight (or
+    None). Raises CheckpointError when the file's weights are not GPT-2's for this config."""
+    info, _ = read_header(path)
+    names, head = {}, None
+    for key in info:
         name = key[len("transformer."):] if key.startswith("transformer.") else key
         if name.endswith(BUFFERS):
             continue
         if name == "lm_head.weight":
-            head = a
-            continue
-        weights[name] = a
-    if head is not None and not np.array_equal(head, weights.get("wte.weight")):
-        raise CheckpointError(f"{path}: lm_head.weight differs from the token embedding; tinyllm's head is tied to "
-                              f"wte, as GPT-2's is")
+            head = key
+        else:
+            names[name] = key
     expected = param_shapes(config)
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{path} does not hold GPT-2's weights for its config.json: missing {missing[:4]}, "
                               f"unexpected {unexpected[:4]}")
-    return weights
+    return names, head
 
 
 def load_gpt2(folder, dtype=np.float32):
-    """A GPT with the weights of a Hugging Face GPT-2 folder, in dtype (each array checked on the way in)."""
+    """A GPT with the weights of a Hugging Face GPT-2 folder, in dtype. The weights are read from the file
+    straight into the model's arrays (safetensors.load_into), each then checked to be finite."""
     if not isinstance(folder, (str, os.PathLike)) or not os.path.isdir(folder):
         raise CheckpointError(f"{folder!r} is not a folder; give the folder holding config.json and model.safetensors")
     config = read_config(folder)
-    weights = gpt2_weights(folder, config)
-    model = GPT(config, dtype=dtype, init=False)
-    try:
-        model.load_state_dict(weights)
-    except ValueError as e:
-        raise CheckpointError(f"{os.path.join(folder, WEIGHTS)}: {e}") from None
+    path = weights_path(folder)
+    names, head = file_names(path, config)
+    model = GPT(config, dtype=dtype, init=False)          # zeros, to be read into
+    load_into(path, {names[k]: v for k, v in model.params.items()})
+    for k, v in model.params.items():
+        if not np.isfinite(v).all():
+            raise CheckpointError(f"{path}: {names[k]} holds nan or inf values (or values too large for "
+                                  f"{np.dtype(dtype)}); was it saved from a run that diverged?")
+    if head is not None:
+        wte = np.empty_like(model.params["wte.weight"])
+        load_into(path, {head: wte})
+        if not np.array_equal(wte, model.params["wte.weight"]):
+            raise CheckpointError(f"{path}: lm_head.weight differs from the token embedding; tinyllm's head is tied "
+                                  f"to wte, as GPT-2's is")
     return model
 
 

@@ -151,6 +151,34 @@ def load_file(path, mmap=True):
     return tensors, metadata
 
 
+def load_into(path, targets):
+    """Read tensors of a safetensors file straight into existing arrays, one at a time: targets is {name in
+    the file: destination ndarray of the tensor's shape}; a file dtype other than the destination's is read
+    into a temporary of that one tensor and cast. The file is never held in memory whole: loading a model
+    needs its arrays and one tensor more, not two copies of the file. Tensors not named are skipped.
+    Raises CheckpointError for a bad file, a name it lacks, or a shape that differs."""
+    path = regular_file(path)
+    try:
+        with open(path, "rb") as f:
+            info, _, start = parse_header(f, path)
+            for name, out in targets.items():
+                if name not in info:
+                    raise CheckpointError(f"{path!r} holds no tensor {name!r}")
+                t = info[name]
+                if tuple(t["shape"]) != out.shape:
+                    raise CheckpointError(f"{path!r}: {name!r} has shape {tuple(t['shape'])}, expected {out.shape}")
+                begin, end = t["data_offsets"]
+                f.seek(start + begin)
+                same = np.dtype(DTYPES[t["dtype"]]) == out.dtype and t["dtype"] != "BF16" and out.flags.c_contiguous
+                raw = out.reshape(-1).view(np.uint8) if same else np.empty(end - begin, dtype=np.uint8)
+                if f.readinto(raw) != len(raw):
+                    raise CheckpointError(f"{path!r} got shorter while being read; load it again")
+                if not same:
+                    out[...] = to_array(raw, t["dtype"], t["shape"], path, name)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path!r}: {e.strerror}") from None
+
+
 def to_array(raw, code, shape, path, name):
     """The tensor in raw (1-d uint8 bytes, already checked to be the right length) as an ndarray."""
     a = raw.view(DTYPES[code]).reshape(shape)

@@ -31,5 +31,5 @@ def adamw_step(p, g, m, v, t, lr, betas, eps, weight_decay):
     Returns: nothing. p, m and v are changed in place: they are the model's and the optimizer's own arrays.
     """
     raise NotImplementedError(
-        "adamw_step: one line per line of the docstring, in that order, each in place (p *= ..., m *= ...; "
+        "one line per line of the docstring, in that order, each in place (p *= ..., m *= ...; "
         "m += ...); `p = p - ...` would only rebind the local name. t is an int: beta1 ** t.")

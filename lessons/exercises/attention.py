@@ -63,6 +63,6 @@ def attention_backward(dout, cache):
              (np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)).
     """
     raise NotImplementedError(
-        "attention_backward: read the forward from the bottom up. dy = split_heads(dout, NH); y = att @ v gives "
+        "read the forward from the bottom up. dy = split_heads(dout, NH); y = att @ v gives "
         "datt and dv (two matmuls, mind the transposes); the softmax couples every entry of a row, so dscores "
         "is not just att * datt; scores = q @ k^T / sqrt(hs) gives dq and dk. What do masked entries (att = 0) get?")

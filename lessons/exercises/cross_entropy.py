@@ -32,7 +32,7 @@ def cross_entropy_forward(logits, targets):
     Returns: loss (a float); cache, anything your backward needs.
     """
     raise NotImplementedError(
-        "cross_entropy_forward: find the counted rows first (targets != IGNORE_INDEX); a target of -100 is "
+        "find the counted rows first (targets != IGNORE_INDEX); a target of -100 is "
         "not an index. log softmax(z)[y] = z[y] - log(sum_j exp(z_j)), after z -= z.max(axis=-1, keepdims=True).")
 
 
@@ -44,5 +44,5 @@ def cross_entropy_backward(dloss, cache):
     Returns: dlogits (N,V). A row whose target is -100 takes no part in the loss.
     """
     raise NotImplementedError(
-        "cross_entropy_backward: for one counted row, the derivative of -log softmax(z)[y] with respect to z_j "
+        "for one counted row, the derivative of -log softmax(z)[y] with respect to z_j "
         "is softmax(z)_j - [j == y]; then the 1/n of the mean, the ignored rows, and dloss.")

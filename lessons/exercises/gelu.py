@@ -42,5 +42,5 @@ def gelu_backward(dout, cache):
     Returns: dx (...), dL/dx, shaped like x.
     """
     raise NotImplementedError(
-        "gelu_backward: out = 0.5 x (1 + t) is a product of two factors that both depend on x, so start with "
+        "out = 0.5 x (1 + t) is a product of two factors that both depend on x, so start with "
         "the product rule; then t = tanh(u) (d tanh(u)/du = 1 - tanh(u)^2) and u(x). Reuse t from the cache.")

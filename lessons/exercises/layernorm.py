@@ -45,6 +45,6 @@ def layernorm_backward(dout, cache):
     Returns: dx (...,C), dw (C,), db (C,).
     """
     raise NotImplementedError(
-        "layernorm_backward: start with db and dw (sums over every position: out = xhat * w + b), then "
+        "start with db and dw (sums over every position: out = xhat * w + b), then "
         "dxhat = dout * w; for dx, differentiate xhat = (x - mean) * rstd keeping in mind that mean and rstd "
         "depend on x too. Everything you need is in the cache; C = dout.shape[-1].")

@@ -27,7 +27,7 @@ def lora_forward(x, A, B, scale):
     Returns: out (...,out); cache, anything your backward needs.
     """
     raise NotImplementedError(
-        "lora_forward: flatten x to (N,in) with x.reshape(-1, in), multiply, and reshape the result back to "
+        "flatten x to (N,in) with x.reshape(-1, A.shape[0]), multiply, and reshape the result back to "
         "(...,out). Scaling the small (N,r) product is cheaper than scaling (N,out).")
 
 
@@ -38,5 +38,5 @@ def lora_backward(dout, cache):
     Returns: dx (...,in), dA (in,r), dB (r,out).
     """
     raise NotImplementedError(
-        "lora_backward: name the middle h = scale * (x @ A), (N,r), so out = h @ B; go backwards: dB from h and "
+        "name the middle h = scale * (x @ A), (N,r), so out = h @ B; go backwards: dB from h and "
         "dout, dh from dout and B, then dA and dx from dh. Check every product's shape against the docstring.")

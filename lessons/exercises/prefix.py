@@ -49,7 +49,7 @@ def attention_forward(qkv, n_head, past_k=None, past_v=None):
     Returns: out (B,T,C); cache, anything your backward needs.
     """
     raise NotImplementedError(
-        "attention_forward: start from attention.py's forward; np.concatenate along the time axis (axis 2) "
+        "start from attention.py's forward; np.concatenate along the time axis (axis 2) "
         "puts the past in front. For the mask, np.tri(N, M, k, dtype=bool) is True where column <= row + k: "
         "which k puts new token t at position P+t?")
 
@@ -62,5 +62,5 @@ def attention_backward(dout, cache):
              dpast_k, dpast_v (B,NH,P,hs).
     """
     raise NotImplementedError(
-        "attention_backward: the same steps as attention.py's backward, with keys and values of length P+T; "
+        "the same steps as attention.py's backward, with keys and values of length P+T; "
         "at the end, split dk_all and dv_all (B,NH,P+T,hs) into the past's part and the new tokens' part.")
