@@ -44,7 +44,7 @@ from tinyllm.model import GPTConfig
 from lessons.common import section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "16_speed")
-LESSON_CONFIG, LESSON_BATCH = bench.CONFIGS["lesson"]   # the model of lessons 04-15
+LESSON_CONFIG, LESSON_BATCH, _ = bench.CONFIGS["lesson"]   # the model of lessons 04-15
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ LESSON_CONFIG, LESSON_BATCH = bench.CONFIGS["lesson"]   # the model of lessons 0
 def show_peak(config, B, repeats):
     section("1. the matmul peak, and a training step against it")
     peak = bench.matmul_peak(repeats=repeats)
-    model = bench.bench_model(config, B, repeats, torch_ref=False)
+    model = bench.time_model(config, B, repeats=repeats)
     print(f"one 2048 x 2048 float32 matmul, its fastest run: {peak:.1f} GFLOP/s. That is the ceiling: nothing "
           f"here does more arithmetic per second.")
     print(f"forward + backward of the model (batch {B} x {config.block_size} tokens): "

@@ -18,9 +18,10 @@ def test_train_flops_counts_each_matmul():
     assert bench.train_flops(TINY, B, T) == 3 * forward
 
 
-def test_bench_model_and_generate_report_positive_rates():
-    r = bench.bench_model(TINY, 2, repeats=1, torch_ref=False)
+def test_time_model_and_generate_report_positive_rates():
+    r = bench.time_model(TINY, 2, repeats=1)
     assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(2 * TINY.block_size / r["seconds"])
+    assert r["gflops"] == pytest.approx(bench.train_flops(TINY, 2, TINY.block_size) / r["seconds"] / 1e9)
     g = bench.bench_generate(TINY, n_new=8, repeats=1)
     assert set(g) == {"base", "lora merged", *MAIN_METHODS}
     for r in g.values():
@@ -89,3 +90,21 @@ def test_activation_bytes_match_the_memory_calculator():
         T = TINY.block_size - getattr(cfg, "num_virtual_tokens", 0)
         floats = activation_count(TINY, cfg, B, T) * 4
         assert floats <= rows[name]["activation_bytes"] <= 1.02 * floats, name
+
+
+def test_each_library_is_timed_in_a_process_of_its_own():
+    rows = bench.bench_model("lesson", repeats=1, steps=1)
+    libraries = {"tinyllm, 1 worker", f"tinyllm, {bench.default_workers(16)} workers"}
+    assert libraries <= set(rows) and set(rows) - libraries <= {"torch eager"}
+    for r in rows.values():
+        assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(16 * 128 / r["seconds"])
+
+
+def test_loading_a_gpt2_folder_grows_memory_by_about_one_copy(tmp_path):
+    """Read straight into the model's arrays: the process grows by about the weights, not two copies."""
+    big = GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=256)
+    from tinyllm.model import GPT
+    GPT(big).save_pretrained(tmp_path)
+    r = bench.in_own_process({"load": str(tmp_path)}, 1)
+    size = (tmp_path / "model.safetensors").stat().st_size
+    assert r["seconds"] > 0 and r["peak_growth"] < 1.6 * size

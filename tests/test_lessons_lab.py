@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from tinyllm.presets import MAIN_METHODS
 from lesson_helpers import assert_figures, load_lesson
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32)       # block_size stays 128: the tasks' examples must fit
@@ -161,7 +162,7 @@ def test_16_speed(tmp_path):
     assert {"linear", "attention", "gelu", "layernorm"} <= layers
     assert sum(r["forward"] + r["backward"] for r in m["profile"]) <= 1.5 * m["step_seconds"]
     assert m["gelu"]["max_difference"] < 1e-5 and all(t > 0 for t in m["gelu"]["seconds"].values())
-    assert set(m["methods"]) == {"full", "lora", "prefix", "prompt", "adapter", "frozen"}
+    assert set(m["methods"]) == {"frozen", *MAIN_METHODS}
     assert m["methods"]["frozen"]["trainable"] == 0
     assert all(r["ratio_to_full"] == pytest.approx(r["seconds"] / m["methods"]["full"]["seconds"])
                for r in m["methods"].values())

@@ -17,21 +17,181 @@ The README's Speed section keeps one run's figures, what made them faster (befor
 wide config still trails PyTorch.
 """
 import cProfile
+import importlib.util
+import json
 import os
 import pstats
+import subprocess
+import sys
+import tempfile
 import time
 import tracemalloc
 
 import numpy as np
 
-from .model import GPT, GPTConfig
+from .model import GPT, GPT2_SMALL, GPTConfig
 from .optim import AdamW
+from .parallel import cores, default_workers
 from .tasks import context_room
 
-CONFIGS = {  # name: (config, batch size)
-    "lesson": (GPTConfig(vocab_size=64, block_size=128, n_layer=4, n_head=4, n_embd=128), 16),
-    "wide": (GPTConfig(vocab_size=256, block_size=256, n_layer=6, n_head=8, n_embd=256), 8),
+CONFIGS = {  # name: (config, batch size, sequence length)
+    "lesson": (GPTConfig(vocab_size=64, block_size=128, n_layer=4, n_head=4, n_embd=128), 16, 128),
+    "wide": (GPTConfig(vocab_size=256, block_size=256, n_layer=6, n_head=8, n_embd=256), 8, 256),
+    "gpt2-128": (GPTConfig(**GPT2_SMALL), 4, 128),        # GPT-2 small's sizes, random weights: no download
+    "gpt2-512": (GPTConfig(**GPT2_SMALL), 1, 512),
 }
+
+
+def random_batch(config, B, T=None, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (B, T or config.block_size)
+    return rng.integers(0, config.vocab_size, shape), rng.integers(0, config.vocab_size, shape)
+
+# ----------------------------------------------------------------------------------------------------
+# forward+backward, each library in a process of its own: two numerical libraries in one process slow
+# each other down (both want every core), so a ratio measured that way is not either library's speed
+
+
+def tinyllm_step(config, B, T, method, workers):
+    """One training step's forward and backward (tinyllm.parallel: `workers` threads), as a function to time."""
+    from .peft import LoraConfig, get_peft_model
+    model = GPT(config, seed=0)
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
+    x, y = random_batch(config, B, T)
+    return lambda: model.forward_backward(x, y, workers=workers)
+
+
+def torch_step(config, B, T, method):
+    """The same model's forward+backward in PyTorch eager (float32), as a function to time; None without
+    torch (it is not a requirement: only a yardstick when it happens to be installed). LoRA: the base
+    frozen, scale * (x A) B added to c_attn."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    lora = method == "lora"
+    params = {k: torch.tensor(v, requires_grad=not lora) for k, v in GPT(config, seed=0).params.items()}
+    C, NH = config.n_embd, config.n_head
+    extra = {f"{i}{ab}": torch.randn(*shape, requires_grad=True) * 0.01 for i in range(config.n_layer)
+             for ab, shape in (("A", (C, 8)), ("B", (8, 3 * C)))} if lora else {}
+    x, y = (torch.tensor(a) for a in random_batch(config, B, T))
+
+    def forward():
+        h = params["wte.weight"][x] + params["wpe.weight"][:T]
+        for i in range(config.n_layer):
+            p = lambda n: params[f"h.{i}.{n}"]
+            a = F.layer_norm(h, (C,), p("ln_1.weight"), p("ln_1.bias"), 1e-5)
+            qkv = a @ p("attn.c_attn.weight") + p("attn.c_attn.bias")
+            if lora:
+                qkv = qkv + 2.0 * (a @ extra[f"{i}A"]) @ extra[f"{i}B"]
+            q, k, v = (t.view(B, T, NH, C // NH).transpose(1, 2) for t in qkv.split(C, dim=2))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+            h = h + a @ p("attn.c_proj.weight") + p("attn.c_proj.bias")
+            m = F.layer_norm(h, (C,), p("ln_2.weight"), p("ln_2.bias"), 1e-5)
+            m = F.gelu(m @ p("mlp.c_fc.weight") + p("mlp.c_fc.bias"), approximate="tanh")
+            h = h + m @ p("mlp.c_proj.weight") + p("mlp.c_proj.bias")
+        h = F.layer_norm(h, (C,), params["ln_f.weight"], params["ln_f.bias"], 1e-5)
+        return F.cross_entropy((h @ params["wte.weight"].T).view(-1, config.vocab_size), y.view(-1))
+
+    def step():
+        for t in (*params.values(), *extra.values()):
+            t.grad = None
+        forward().backward()
+    return step
+
+
+def time_step(spec, steps):
+    """In this process: build the step spec describes, warm it up, and time `steps` of it. Returns the median
+    seconds. spec: {config, method, library 'tinyllm' or 'torch', workers}."""
+    config, B, T = CONFIGS[spec["config"]]
+    if spec["library"] == "torch":
+        import torch
+        torch.set_num_threads(cores())
+        step = torch_step(config, B, T, spec["method"])
+    else:
+        step = tinyllm_step(config, B, T, spec["method"], spec["workers"])
+    step()                                                       # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def in_own_process(spec, steps):
+    """time_step(spec, steps) in a fresh Python process (`python -m tinyllm.bench SPEC`)."""
+    done = subprocess.run([sys.executable, "-m", "tinyllm.bench", json.dumps({**spec, "steps": steps})],
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if done.returncode != 0:
+        raise RuntimeError(f"the timed process for {spec} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def time_model(config, B, T=None, workers=1, repeats=5):
+    """In this process: seconds per forward+backward step (median of repeats), tokens/s and the matmul GFLOP/s
+    it achieves, of a GPT of this config on B sequences of T tokens, split over `workers` threads."""
+    T = T or config.block_size
+    model = GPT(config, seed=0)
+    x, y = random_batch(config, B, T)
+    model.forward_backward(x, y, workers=workers)                 # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.forward_backward(x, y, workers=workers)
+        times.append(time.perf_counter() - t0)
+    seconds = float(np.median(times))
+    return {"seconds": seconds, "tokens_per_s": B * T / seconds, "gflops": train_flops(config, B, T) / seconds / 1e9}
+
+
+def bench_model(name, method="full", repeats=3, torch_ref=True, steps=None):
+    """Seconds per forward+backward step and tokens/s of tinyllm with 1 worker and with one per core, and of
+    PyTorch eager when installed: each in its own process, the processes taking turns, medians of repeats."""
+    config, B, T = CONFIGS[name]
+    steps = steps or (2 if config.n_embd >= 768 else 10)
+    libraries = {"tinyllm, 1 worker": dict(library="tinyllm", workers=1),
+                 f"tinyllm, {default_workers(B)} workers": dict(library="tinyllm", workers=default_workers(B))}
+    if torch_ref and importlib.util.find_spec("torch") is not None:
+        libraries["torch eager"] = dict(library="torch", workers=None)
+    seconds = {k: [] for k in libraries}
+    for _ in range(repeats):
+        for k, lib in libraries.items():
+            seconds[k].append(in_own_process({"config": name, "method": method, **lib}, steps))
+    rows = {k: {"seconds": float(np.median(v)), "tokens_per_s": B * T / float(np.median(v))} for k, v in seconds.items()}
+    flops = train_flops(config, B, T)
+    for r in rows.values():
+        r["gflops"] = flops / r["seconds"] / 1e9
+    return rows
+
+
+def bench_load(folder_bytes=None, repeats=3):
+    """Reading GPT-2 small's weights (random, written here: about 500 MB) with GPT.from_pretrained, in a process
+    of its own: seconds, and how much its peak memory grew, against the file's size."""
+    with tempfile.TemporaryDirectory() as tmp:
+        GPT(GPTConfig(**GPT2_SMALL), seed=0).save_pretrained(tmp)
+        size = os.path.getsize(os.path.join(tmp, "model.safetensors"))
+        runs = [in_own_process({"load": tmp}, 1) for _ in range(repeats)]
+    return {"file_bytes": size, "seconds": float(np.median([r["seconds"] for r in runs])),
+            "peak_growth_bytes": float(np.median([r["peak_growth"] for r in runs]))}
+
+
+def peak_memory():
+    """This process's peak resident memory in bytes: Linux's VmHWM, which a new program starts afresh
+    (getrusage's ru_maxrss would carry over the peak of the process that started it)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def time_load(folder):
+    """In this process: seconds to load a GPT-2 folder, and the growth of the process's peak resident memory."""
+    before = peak_memory()
+    t0 = time.perf_counter()
+    GPT.from_pretrained(folder)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "peak_growth": peak_memory() - before}
 
 
 def matmul_peak(n=2048, repeats=5):
@@ -55,73 +215,6 @@ def train_flops(config, B, T):
     attention = 2 * 2 * B * T * T * C * L
     head = 2 * B * T * C * V
     return 3 * (linear + attention + head)
-
-
-def random_batch(config, B, seed=0):
-    rng = np.random.default_rng(seed)
-    shape = (B, config.block_size)
-    return rng.integers(0, config.vocab_size, shape), rng.integers(0, config.vocab_size, shape)
-
-
-def model_step(config, B):
-    """One forward+backward of the full model in float32, as a function to time."""
-    model = GPT(config, seed=0)
-    x, y = random_batch(config, B)
-
-    def step():
-        model.forward(x, y)
-        model.backward()
-    return step
-
-
-def bench_model(config, B, repeats=5, torch_ref=True):
-    """tinyllm's forward+backward (and PyTorch eager's on the same model, if installed), timed in turns:
-    seconds per step, tokens/s, achieved GFLOP/s."""
-    steps = {"tinyllm": model_step(config, B)}
-    reference = torch_step(config, B) if torch_ref else None
-    if reference is not None:
-        steps["torch"] = reference
-    s = interleaved_medians(steps, repeats)
-    tokens = B * config.block_size
-    return {"seconds": s["tinyllm"], "tokens_per_s": tokens / s["tinyllm"],
-            "gflops": train_flops(config, B, config.block_size) / s["tinyllm"] / 1e9,
-            "torch_tokens_per_s": tokens / s["torch"] if "torch" in s else None}
-
-
-def torch_step(config, B):
-    """The same model's forward+backward in PyTorch eager (float32), as a function to time; None
-    without torch (it is not a requirement: only a yardstick when it happens to be installed)."""
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        return None
-    torch.manual_seed(0)
-    params = {k: torch.tensor(v, requires_grad=True) for k, v in GPT(config, seed=0).params.items()}
-    C, NH = config.n_embd, config.n_head
-    x, y = (torch.tensor(a) for a in random_batch(config, B))
-
-    def forward():
-        T = x.shape[1]
-        h = params["wte.weight"][x] + params["wpe.weight"][:T]
-        for i in range(config.n_layer):
-            p = lambda n: params[f"h.{i}.{n}"]
-            a = F.layer_norm(h, (C,), p("ln_1.weight"), p("ln_1.bias"), 1e-5)
-            q, k, v = (a @ p("attn.c_attn.weight") + p("attn.c_attn.bias")).split(C, dim=2)
-            q, k, v = (t.view(B, T, NH, C // NH).transpose(1, 2) for t in (q, k, v))
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
-            h = h + a @ p("attn.c_proj.weight") + p("attn.c_proj.bias")
-            m = F.layer_norm(h, (C,), p("ln_2.weight"), p("ln_2.bias"), 1e-5)
-            m = F.gelu(m @ p("mlp.c_fc.weight") + p("mlp.c_fc.bias"), approximate="tanh")
-            h = h + m @ p("mlp.c_proj.weight") + p("mlp.c_proj.bias")
-        h = F.layer_norm(h, (C,), params["ln_f.weight"], params["ln_f.bias"], 1e-5)
-        return F.cross_entropy((h @ params["wte.weight"].T).view(-1, config.vocab_size), y.view(-1))
-
-    def step():
-        for p in params.values():
-            p.grad = None
-        forward().backward()
-    return step
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,32 +387,43 @@ def mib(n):
     return f"{n / 2 ** 20:.2f}"
 
 
-def run(configs=("lesson", "wide"), repeats=5, torch_ref=True, out=print):
+def run(configs=("lesson", "wide", "gpt2-128", "gpt2-512"), repeats=3, torch_ref=True, out=print):
     """Run every benchmark, print the tables, and return the figures as a dict."""
-    results = {"peak_gflops": matmul_peak(repeats=repeats)}
-    out(f"float32 matmul peak (2048^3 np.matmul, fastest of {repeats} runs): {results['peak_gflops']:.1f} GFLOP/s; "
-        f"every other figure is a median of {repeats} runs")
-    out("\nforward+backward, float32")
-    out(f"{'config':8} {'tokens/s':>10} {'GFLOP/s':>8} {'% peak':>7} {'torch tok/s':>12} {'tinyllm/torch':>14}")
+    results = {"peak_gflops": matmul_peak(repeats=max(3, repeats)), "cores": cores()}
+    out(f"float32 matmul peak (2048^3 np.matmul, fastest of {max(3, repeats)} runs): {results['peak_gflops']:.1f} "
+        f"GFLOP/s on {cores()} cores; every other figure is a median of {repeats} runs")
+    out("\nforward+backward, float32: each library in a process of its own, the processes taking turns")
+    out(f"{'config':10} {'method':6} {'batch x T':>10} {'library':22} {'ms/step':>9} {'tokens/s':>9} {'GFLOP/s':>8} "
+        f"{'x torch':>8}")
+    results["model"] = {}
     for name in configs:
-        config, B = CONFIGS[name]
-        r = results[name] = bench_model(config, B, repeats, torch_ref)
-        t = r["torch_tokens_per_s"]
-        torch_cols = f"{t:12.0f} {r['tokens_per_s'] / t:14.2f}" if t else f"{'(no torch)':>12} {'':>14}"
-        share = 100 * r["gflops"] / results["peak_gflops"]
-        out(f"{name:8} {r['tokens_per_s']:10.0f} {r['gflops']:8.1f} {share:6.1f}% {torch_cols}")
+        config, B, T = CONFIGS[name]
+        for method in (("full", "lora") if name.startswith("gpt2") else ("full",)):
+            rows = results["model"][f"{name} {method}"] = bench_model(name, method, repeats, torch_ref)
+            torch_s = rows.get("torch eager", {}).get("seconds")
+            for lib, r in rows.items():
+                ratio = f"{torch_s / r['seconds']:8.2f}" if torch_s else f"{'-':>8}"
+                out(f"{name:10} {method:6} {f'{B}x{T}':>10} {lib:22} {1e3 * r['seconds']:9.1f} {r['tokens_per_s']:9.0f} "
+                    f"{r['gflops']:8.1f} {ratio}")
+    out("(x torch: tinyllm's speed as a multiple of PyTorch eager's on the same model; above 1 is faster)")
 
-    config, B = CONFIGS[configs[0]]
+    if any(n.startswith("gpt2") for n in configs):
+        load = results["load"] = bench_load(repeats=repeats)
+        out(f"\nGPT.from_pretrained of GPT-2 small ({load['file_bytes'] / 2 ** 20:.0f} MiB model.safetensors), in a "
+            f"process of its own: {load['seconds']:.2f} s; peak memory grew by {load['peak_growth_bytes'] / 2 ** 20:.0f} MiB, "
+            f"{load['peak_growth_bytes'] / load['file_bytes']:.2f} x the file (read straight into the model's arrays)")
+
+    config, B, _ = CONFIGS["lesson"]
     rows, total = profile_layers(config, B)
     results["layers"] = {r["layer"]: r for r in rows}
-    out(f"\nwhere a step's time goes ({configs[0]} config, {1000 * total:.1f} ms per step; GFLOP/s of the "
+    out(f"\nwhere a step's time goes (lesson config, one worker, {1000 * total:.1f} ms per step; GFLOP/s of the "
         f"layers' matmuls, against the {results['peak_gflops']:.0f} peak)")
     for line in layer_table(rows, total):
         out(line)
 
     methods = bench_methods(config, B, repeats)
     results["methods"] = methods
-    out(f"\ntraining step per method ({configs[0]} config, batch {B}, timed in turns; prefix/prompt use 10 of "
+    out(f"\ntraining step per method (lesson config, batch {B}, timed in turns; prefix/prompt use 10 of "
         f"the positions)")
     out(f"{'method':8} {'ms/step':>8} {'x full':>7} {'trainable':>10} | MiB counted: {'weights':>7} {'grads':>7} "
         f"{'AdamW':>7} {'activ.':>7} {'sum':>7} | MiB measured: {'peak':>7}")
@@ -336,9 +440,15 @@ def run(configs=("lesson", "wide"), repeats=5, torch_ref=True, out=print):
 
     g = bench_generate(config)
     results["generate"] = g
-    out(f"\ngreedy generation ({configs[0]} config, 64 new tokens after 16, batch 1, timed in turns)")
+    out("\ngreedy generation (lesson config, 64 new tokens after 16, batch 1, timed in turns)")
     out(f"{'model':12} {'KV cache tok/s':>14} {'no cache tok/s':>14} {'speedup':>8} {'time x base':>12}")
     for name, r in g.items():
         out(f"{name:12} {r['kv_cache_tokens_per_s']:14.0f} {r['no_cache_tokens_per_s']:14.0f} "
             f"{r['speedup']:7.1f}x {r['ratio_to_base']:12.2f}")
     return results
+
+
+if __name__ == "__main__":      # a timed process of bench_model or bench_load: one JSON line out
+    spec = json.loads(sys.argv[1])
+    result = time_load(spec["load"]) if "load" in spec else time_step(spec, spec["steps"])
+    print(json.dumps(result))
