@@ -190,3 +190,15 @@ def test_18_to_hugging_face_and_back(tmp_path):
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     m = lesson.real_gpt2(str(folder), steps=3, echo=lambda line: None)
     assert m["gpt2_trainable"] == 8 * (16 + 48) and len(m["gpt2_losses"]) == 3
+
+
+def test_17_new_tokens(tmp_path):
+    m = load_lesson("17_new_tokens").main(steps=2, n_test=4, config=dict(n_layer=1, n_head=2, n_embd=16),
+                                          out_dir=str(tmp_path))
+    assert m["unseen_in_corpus"] == ["=", "|"]                   # the premise: pretraining never shows them
+    runs = m["runs"]
+    lora, rows = runs["LoRA"], runs["LoRA + rows of = |"]
+    assert rows["trainable"] - lora["trainable"] == 2 * 16       # two rows of C numbers, the tied head's too
+    assert runs["full"]["trainable"] > rows["trainable"]
+    assert all(np.isfinite(r["val_loss"]) for r in runs.values()) and np.isfinite(m["seen_val_loss"])
+    assert_figures(m["figures"], tmp_path, 1)

@@ -11,7 +11,8 @@ stopped while its loss still falls is measured on how fast it starts, not where 
   2. each (S, lr) trains SEEDS times; its score is the mean final validation loss
   3. the budget has flattened when doubling it lowers the best score by less than REL_TOL of it (or by
      less than ABS_TOL nats, for a loss already near zero): the method's budget is S, at its best lr
-     there; otherwise the largest budget, marked not flattened, with what doubling gained on record
+     there; otherwise CAP (500 steps, what the default comparison affords), marked not flattened, with
+     what doubling it gained on record
 Then the variants the tuning claims need (tinyllm.presets.VARIANTS: LoRA rank and placement, prefix length
 and initialisation): each at its method's budget, its lr the best of the method's and one rung either side
 (one seed each), then three seeds at that lr.
@@ -37,6 +38,8 @@ from .pretrain import PRETRAIN_OUT
 from .train import default_out, duration
 
 BUDGETS = (125, 250, 500, 1000)   # steps, doubling
+CAP = 500                         # the most steps one run of the default comparison affords (its runs take
+                                  # minutes in all); a larger budget is measured only to say what it would gain
 BATCH_SIZE = 8                    # examples per step, in the sweep and in compare
 SEEDS = (1000, 1001)              # seeds of the sweep's runs: apart from compare's (0, 1, 2, ...)
 VARIANT_SEEDS = (1000, 1001, 1002)
@@ -73,7 +76,6 @@ def sweep_method(base, tok, task, method, echo=default_out, budgets=BUDGETS, see
     """Find one method's lr and budget. Returns the dict written to <method>.json."""
     runs, by_budget = [], []
     lrs = list(PRESETS[method].lrs)
-    chosen = None
     for S in budgets:
         echo(f"{method}: {S} steps")
         scores = {}
@@ -94,18 +96,28 @@ def sweep_method(base, tok, task, method, echo=default_out, budgets=BUDGETS, see
         best = min(scores, key=scores.get)
         by_budget.append({"steps": S, "scores": {f"{lr:g}": v for lr, v in sorted(scores.items())},
                           "best_lr": best, "best_val_loss": scores[best]})
-        if len(by_budget) > 1 and flattened(by_budget[-2]["best_val_loss"], scores[best]):
-            prev = by_budget[-2]
-            chosen = {"lr": prev["best_lr"], "steps": prev["steps"], "flattened": True,
-                      "val_loss": prev["best_val_loss"]}
+        if len(by_budget) > 1 and (flattened(by_budget[-2]["best_val_loss"], scores[best]) or S > CAP):
             break
         lrs = [x for x in (step_on_ladder(best, -1), best, step_on_ladder(best, 1)) if x is not None]
-    if chosen is None:
-        last = by_budget[-1]
-        chosen = {"lr": last["best_lr"], "steps": last["steps"], "flattened": False, "val_loss": last["best_val_loss"]}
+    chosen = choose(by_budget)
     echo(f"{method}: lr {chosen['lr']:g}, {chosen['steps']} steps "
-         f"({'flattened' if chosen['flattened'] else 'still falling at the largest budget'})")
+         f"({'flattened' if chosen['flattened'] else 'still falling at the largest budget the comparison affords'})")
     return {"method": method, "budgets": by_budget, "chosen": chosen, "runs": runs}
+
+
+def choose(by_budget):
+    """The method's budget from its scores at doubling budgets: the first one at which doubling no longer
+    helps (flattened), or CAP, marked not flattened, with what doubling it gave (doubled_val_loss)."""
+    allowed = [b for b in by_budget if b["steps"] <= CAP]
+    for b, doubled in zip(allowed, by_budget[1:]):
+        if flattened(b["best_val_loss"], doubled["best_val_loss"]):
+            break
+    else:
+        b = allowed[-1]
+        doubled = next((d for d in by_budget if d["steps"] == 2 * b["steps"]), None)
+    return {"lr": b["best_lr"], "steps": b["steps"], "flattened": doubled is not None and
+            flattened(b["best_val_loss"], doubled["best_val_loss"]), "val_loss": b["best_val_loss"],
+            "doubled_val_loss": doubled["best_val_loss"] if doubled else None}
 
 
 def sweep_variants(base, tok, task, group, lrs_steps, echo=default_out, seeds=VARIANT_SEEDS, done=None):
