@@ -202,3 +202,13 @@ def test_17_new_tokens(tmp_path):
     assert runs["full"]["trainable"] > rows["trainable"]
     assert all(np.isfinite(r["val_loss"]) for r in runs.values()) and np.isfinite(m["seen_val_loss"])
     assert_figures(m["figures"], tmp_path, 1)
+
+
+def test_19_many_cores(tmp_path):
+    m = load_lesson("19_many_cores").main(config=dict(vocab_size=16, block_size=16, n_layer=1, n_head=2, n_embd=16),
+                                          batch_size=4, repeats=1, out_dir=str(tmp_path))
+    assert abs(m["loss_n"] - m["loss_1"]) < 1e-5 and m["grad_rel_diff"] < 1e-4     # one big batch's result
+    assert sum(m["shards"]) > 0 and len(m["shards"]) >= 2
+    assert m["allreduce_numbers"]["lora"] < m["allreduce_numbers"]["full"]
+    assert all(s > 0 for s in m["seconds"].values())
+    assert_figures(m["figures"], tmp_path, 1)
