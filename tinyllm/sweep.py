@@ -58,7 +58,7 @@ def train_once(base, tok, task, config, lr, steps, seed, echo):
             "val_steps": h["val_step"], "val_losses": h["val_loss"], "seconds": r["train_seconds"], "trainable_params": r["trainable_params"]}
 
 
-LADDER = [m * 10.0 ** e for e in range(-5, 1) for m in (1, 3)]   # 1e-5, 3e-5, ..., 1, 3: the lrs tried
+LADDER = [float(f"{m}e{e}") for e in range(-5, 1) for m in (1, 3)]   # 1e-5, 3e-5, ..., 1, 3: the lrs tried
 
 
 def step_on_ladder(lr, k):
