@@ -3,6 +3,8 @@ What the lessons share: headings and indented progress lines, where the pretrain
 and loading the base model. A lesson imports it as `from lessons.common import ...`, after putting the
 repository root on sys.path (as every lesson does first).
 """
+import functools
+import inspect
 import os
 
 import numpy as np
@@ -16,6 +18,27 @@ LESSON_04 = os.path.join(ROOT, "runs", "lessons", "04_pretraining", "ckpt.npz")
 
 def section(title):
     print(f"\n{'-' * 100}\n{title}\n")
+
+
+def lesson_section(title):
+    """A lesson's numbered section: a function whose docstring is the section's explanation. Calling it prints
+    the title and the explanation, then runs the code below them, so the file and its output read in the
+    same order, each explanation next to the code it explains.
+
+        @lesson_section("3. adapters start as the identity")
+        def show_identity(model):
+            \"\"\"An adapter adds up(gelu(down(a))) to a; with up = 0 that is a + 0 ...\"\"\"
+            ...
+    """
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            section(title)
+            if fn.__doc__:
+                print(inspect.cleandoc(fn.__doc__) + "\n")
+            return fn(*args, **kwargs)
+        return run
+    return wrap
 
 
 def indented(line):
