@@ -7,6 +7,7 @@ soon as it is added. (test_train.py has the first CLI tests: --help, --bogus, --
 --resume file.)
 """
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -146,3 +147,122 @@ def test_bench_json_to_an_unwritable_place_fails_before_timing(tmp_path, capsys)
     from tinyllm.__main__ import main as cli_main
     assert cli_main(["bench", "--json", str(tmp_path / "no" / "such" / "dir" / "x.json")]) == 2
     assert "cannot write --json" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 14: crafted checkpoints, output paths, absurd sizes and a diverging run, each one line and status 2
+# (1 for the divergence), found before any work starts
+
+def pretraining_checkpoint(tmp_path):
+    """A finished checkpoint with everything `tinyllm pretrain` writes, of a tiny GPT (the commands refuse the
+    crafted copies below before they would use the model)."""
+    from tinyllm import GPT, GPTConfig
+    from tinyllm.pretrain import PRETRAIN_DATA
+    from tinyllm.train import TrainConfig, train
+    from train_helpers import batches
+    path = tmp_path / "good.npz"
+    train(GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)), batches(),
+          TrainConfig(max_steps=1, batch_size=4, eval_iters=0, warmup_steps=1, checkpoint=str(path)), out=lambda s: None,
+          meta={"kind": "pretrain", "tokenizer_chars": "abcdefghij\n", "data": PRETRAIN_DATA})
+    return load_checkpoint(path)
+
+
+def crafted(tmp_path, good, name, field, value):
+    arrays, meta = good
+    meta = json.loads(json.dumps(meta))
+    *parents, last = field.split(".")
+    d = meta
+    for p in parents:
+        d = d[p]
+    if value is None:
+        del d[last]
+    else:
+        d[last] = value
+    save_checkpoint(tmp_path / name, arrays, meta)
+    return str(tmp_path / name)
+
+
+CRAFTED = [   # (file, field, value (None: removed), what the error names)
+    ("step.npz", "step", "3", "step"), ("history.npz", "history", [1, 2], "history"),
+    ("config.npz", "config", [4, 128], "config"), ("chars.npz", "tokenizer_chars", 64, "tokenizer_chars"),
+    ("data.npz", "data", None, "data"), ("people.npz", "data.n_people", "24", "n_people"),
+]
+RESUME_ONLY = [("train.npz", "train_config", [0.003], "train_config"), ("typo.npz", "train_config.max_stesp", 9, "max_stesp"),
+               ("rng.npz", "rng_state.bit_generator", "seed", "bit generator")]
+
+
+def test_crafted_checkpoints_on_the_command_line(tmp_path, capsys):
+    good = pretraining_checkpoint(tmp_path)
+    for name, field, value, named in CRAFTED + RESUME_ONLY:
+        path = crafted(tmp_path, good, name, field, value)
+        assert_one_line_error(exit_status(["pretrain", "--resume", path]), capsys.readouterr().err, name, named)
+        if (name, field, value, named) in RESUME_ONLY:
+            continue
+        assert_one_line_error(exit_status(["compare", "--checkpoint", path, "--out", str(tmp_path / "out")]),
+                              capsys.readouterr().err, name, named)
+        assert_one_line_error(exit_status(["sweep", "--checkpoint", path, "--out", str(tmp_path / "sweep")]),
+                              capsys.readouterr().err, name, named)
+    arrays, meta = good
+    np.savez(tmp_path / "deep.npz", **arrays, __meta__=np.frombuffer(
+        (json.dumps(meta)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}").encode(), np.uint8))
+    for argv in (["pretrain", "--resume"], ["compare", "--out", str(tmp_path / "out"), "--checkpoint"]):
+        assert_one_line_error(exit_status(argv + [str(tmp_path / "deep.npz")]), capsys.readouterr().err, "nested")
+    assert not os.path.exists(tmp_path / "sweep") and not os.path.exists(tmp_path / "out" / "results.json")
+
+
+def test_a_crafted_checkpoint_where_compare_quick_would_reuse_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "pretrain").mkdir(parents=True)
+    crafted(out / "pretrain", pretraining_checkpoint(tmp_path), "ckpt.npz", "data", None)
+    assert_one_line_error(exit_status(["compare", "--quick", "--out", str(out)]), capsys.readouterr().err,
+                          "ckpt.npz", "data")
+
+
+def unwritable_folder(tmp_path):
+    """A folder in which this user cannot create a file (root writes anywhere the permission bits forbid, but
+    not in sysfs or procfs)."""
+    from tinyllm.checkpoint import can_write_in
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o500)
+        return str(folder)
+    for folder in ("/sys", "/proc"):
+        if os.path.isdir(folder) and not can_write_in(folder):
+            return folder
+    pytest.skip("no folder here that root cannot write")
+
+
+def test_output_paths_that_cannot_work_are_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("x\n")
+    locked = unwritable_folder(tmp_path)
+    for out, message in (("", "--out must be a folder path"), (str(tmp_path / "file.txt"), "is a file"),
+                         (str(tmp_path / "file.txt" / "sub"), "cannot be created"),
+                         (os.path.join(locked, "tinyllm-out"), "not a writable folder")):
+        for command in ("compare", "sweep"):
+            argv = [command, "--out", out] + (["--quick"] if command == "compare" else [])
+            assert_one_line_error(exit_status(argv), capsys.readouterr().err, message)
+    for out, message in (("", "--out must be a file path"), (str(tmp_path), "is a folder"),
+                         (str(tmp_path / "file.txt" / "c.npz"), "not a writable folder"),
+                         (os.path.join(locked, "c.npz"), "not a writable folder")):
+        assert_one_line_error(exit_status(["pretrain", "--quick", "--out", out]), capsys.readouterr().err, message)
+    for path, message in (("", "--json must be the path of a file"), (str(tmp_path), "--json must be the path of a file"),
+                          (str(tmp_path / "file.txt" / "b.json"), "cannot write --json"),
+                          (os.path.join(locked, "b.json"), "cannot write --json")):
+        assert_one_line_error(exit_status(["bench", "--json", path]), capsys.readouterr().err, message)
+    assert sorted(os.listdir(tmp_path)) == ["file.txt"] + (["read-only"] if os.geteuid() != 0 else [])
+
+
+@pytest.mark.parametrize("argv", [["--batch-size", str(10 ** 9)], ["--batch-size", str(10 ** 5)],
+                                  ["--quick", "--batch-size", str(2 ** 40)]])
+def test_an_absurd_batch_size_is_refused_before_any_work(argv, tmp_path, capsys):
+    status = exit_status(["pretrain", *argv, "--out", str(tmp_path / "c.npz")])
+    assert_one_line_error(status, capsys.readouterr().err, "TrainConfig.batch_size", "GiB")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_diverging_run_prints_its_one_error_line_and_no_warnings(tmp_path):
+    status, out, err = run("pretrain", "--quick", "--steps", "6", "--lr", "1e9", "--out", str(tmp_path / "c.npz"))
+    assert status == 1, err
+    assert err.count("\n") == 1 and err.startswith("error: step ") and "not a finite number" in err, err
+    assert "Warning" not in err + out and "Traceback" not in err

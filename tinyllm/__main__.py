@@ -6,9 +6,11 @@ and returns the exit status (0 ok, 1 training failed, 2 bad input, 130 interrupt
 write the pair and list add_X in COMMANDS.
 """
 import argparse
+import os
 import sys
 
-from .checkpoint import CheckpointError
+from .checkpoint import (CheckpointError, atomic_open, can_write_in, check_writable, check_writable_folder,
+                         load_pretrained)
 from .pretrain import PRETRAIN, PRETRAIN_OUT, QUICK, pretrain
 from .train import TrainingError
 
@@ -18,6 +20,16 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def guarded(work):
+    """work(), its exit status; a bad input or file is one line and status 2, a training that diverged 1."""
+    try:
+        return work()
+    except (CheckpointError, ValueError) as e:
+        return fail(e)
+    except TrainingError as e:
+        return fail(e, status=1)
 
 
 def fail(message, status=2):
@@ -30,7 +42,7 @@ def fail(message, status=2):
 
 def add_pretrain(subparsers):
     p = subparsers.add_parser(
-        "pretrain", help="train the default small GPT on the synthetic corpus (about 3 minutes)",
+        "pretrain", help="train the default small GPT on the synthetic corpus (a few minutes)",
         description="Pretrain the default GPT (4 layers, 128 wide, character vocabulary) on the synthetic "
                     "corpus, print samples, and save a checkpoint that the fine-tuning lessons start from. "
                     "Ctrl-C saves a checkpoint and prints the command that resumes it.")
@@ -47,32 +59,36 @@ def add_pretrain(subparsers):
 
 
 def run_pretrain(args):
+    if args.out == "":
+        return fail("--out must be a file path for the checkpoint, got ''")
     out = args.out or args.resume or PRETRAIN_OUT
     command = f"python -m tinyllm pretrain --resume {out}"
-    try:
+
+    def work():
+        check_writable(out)                     # now, not after the corpus is built
         result = pretrain(out=out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           resume=args.resume, quick=args.quick, resume_command=command)
-    except (CheckpointError, ValueError) as e:
-        return fail(e)
-    except TrainingError as e:
-        return fail(e, status=1)
-    return 130 if result["history"]["status"] == "interrupted" else 0
+        return 130 if result["history"]["status"] == "interrupted" else 0
+    return guarded(work)
 
 
 # ----------------------------------------------------------------------------------------------------
 # bench
 
 def add_bench(subparsers):
+    from .bench import CONFIGS as BENCH_CONFIGS
     p = subparsers.add_parser(
         "bench", help="measure speed: tokens/s, GFLOP/s against the matmul peak, step time per method",
-        description="Time forward+backward on the 'lesson' and 'wide' configs (and PyTorch eager on the same "
-                    "model when torch is installed), profile each layer against the matmul peak, compare each "
-                    "fine-tuning method's step time and memory with full fine-tuning and with a model that trains "
-                    "nothing, and time each method's generation with and without the KV cache. Medians of "
-                    "--repeats runs, all in this one process (the peak: the fastest run).")
+        description="Time forward+backward with one worker and with one per core (and PyTorch eager on the same "
+                    "model when torch is installed), each library in a process of its own, the processes taking "
+                    "turns; GPT-2 small's load time and memory; profile each layer against the matmul peak; compare "
+                    "each fine-tuning method's step time and memory with full fine-tuning and with a model that "
+                    "trains nothing; time each method's generation with and without the KV cache. Medians of "
+                    "--repeats runs (the peak: the fastest run).")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure; medians are reported (default 5)")
-    p.add_argument("--configs", nargs="+", default=["lesson", "wide"], choices=["lesson", "wide"],
-                   help="model configs to time (default: both)")
+    p.add_argument("--configs", nargs="+", default=list(BENCH_CONFIGS), choices=list(BENCH_CONFIGS),
+                   help="model configs to time (default: all; gpt2-*: GPT-2 small's sizes, 124M parameters, with "
+                        "random weights)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference even if torch is installed")
     p.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     p.set_defaults(run=run_bench)
@@ -83,15 +99,16 @@ def run_bench(args):
     from .bench import run
     if args.repeats < 1:
         return fail(f"--repeats must be at least 1, got {args.repeats}")
-    if args.json:
-        try:
-            open(args.json, "a").close()        # fail now, not after minutes of timing
-        except OSError as e:
-            return fail(f"cannot write --json {args.json!r}: {e.strerror}")
+    if args.json is not None:
+        if args.json == "" or os.path.isdir(args.json):
+            return fail(f"--json must be the path of a file to write, got {args.json!r}")
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder) or not can_write_in(folder):     # fail now, not after minutes of timing
+            return fail(f"cannot write --json {args.json!r}: {folder!r} is not an existing, writable folder")
     results = run(configs=tuple(args.configs), repeats=args.repeats, torch_ref=not args.no_torch)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    if args.json is not None:
+        with atomic_open(args.json) as f:
+            f.write(json.dumps(results, indent=2).encode())
         print(f"wrote {args.json}")
     return 0
 
@@ -100,10 +117,10 @@ def run_bench(args):
 # compare
 
 def add_compare(subparsers):
-    from .compare import DEFAULT_OUT, DEFAULT_SETTINGS, DEFAULT_TASK
+    from .compare import DEFAULT_OUT, DEFAULT_SETTINGS, DEFAULT_TASK, QUICK_SETTINGS
     from .tasks import TASKS
     p = subparsers.add_parser(
-        "compare", help="fine-tune full, LoRA, prefix, prompt and adapter side by side, and test the claims",
+        "compare", help="fine-tune full, LoRA, prefix, prompt, adapter and (IA)^3 side by side, and test the claims",
         description="From one pretrained checkpoint (made first if it does not exist), fine-tune every method on "
                     "the same task, each at the learning rate and step budget the sweep tuned for it, over several "
                     "seeds; measure accuracy, loss, forgetting, time, memory and file sizes; judge the usual claims "
@@ -112,8 +129,8 @@ def add_compare(subparsers):
     p.add_argument("--task", default=DEFAULT_TASK, choices=list(TASKS) + ["all"],
                    help=f"the task to fine-tune on (default {DEFAULT_TASK}); all: every task, one after the other, "
                         "the only way to measure the claims about classification")
-    p.add_argument("--seeds", type=int, default=DEFAULT_SETTINGS.seeds,
-                   help=f"runs per method, to measure the spread (default {DEFAULT_SETTINGS.seeds})")
+    p.add_argument("--seeds", type=int, help=f"runs per method, to measure the spread (default "
+                                             f"{DEFAULT_SETTINGS.seeds}; {QUICK_SETTINGS.seeds} with --quick)")
     p.add_argument("--seed", type=int, default=0,
                    help="the first seed (default 0): a second run with --seed 10 checks the verdicts on other seeds")
     p.add_argument("--steps", type=int, help="the same number of steps for every method, instead of each one's "
@@ -128,21 +145,28 @@ def add_compare(subparsers):
 
 
 def run_compare(args):
-    from .compare import DEFAULT_OUT, DEFAULT_SETTINGS, DEFAULT_TASK, compare
+    from .compare import DEFAULT_CHECKPOINT, DEFAULT_OUT, DEFAULT_TASK, compare
+    if args.checkpoint == "":
+        return fail("--checkpoint must be the path of a checkpoint, got ''")
+    checkpoint = args.checkpoint or (os.path.join(args.out, "pretrain", "ckpt.npz") if args.quick
+                                     else DEFAULT_CHECKPOINT)      # where compare looks for it
+    try:                                        # found now, before any pretraining or fine-tuning
+        check_writable_folder(args.out, "--out")
+        if os.path.exists(checkpoint):          # one that does not exist yet, compare makes
+            load_pretrained(checkpoint, need_data=True)
+    except CheckpointError as e:
+        return fail(e)
     flags = [(args.task != DEFAULT_TASK, f"--task {args.task}"),
-             (args.seeds != DEFAULT_SETTINGS.seeds, f"--seeds {args.seeds}"), (args.seed != 0, f"--seed {args.seed}"),
+             (args.seeds is not None, f"--seeds {args.seeds}"), (args.seed != 0, f"--seed {args.seed}"),
              (args.steps is not None, f"--steps {args.steps}"), (args.out != DEFAULT_OUT, f"--out {args.out}"),
              (args.checkpoint is not None, f"--checkpoint {args.checkpoint}"), (args.quick, "--quick")]
     command = " ".join(["python -m tinyllm compare"] + [flag for given, flag in flags if given])
-    try:
-        compare(task=args.task, seeds=args.seeds if args.seeds != DEFAULT_SETTINGS.seeds or not args.quick else None,
-                seed=args.seed, steps=args.steps, out=args.out, checkpoint=args.checkpoint, quick=args.quick,
-                command=command)
-    except (CheckpointError, ValueError) as e:
-        return fail(e)
-    except TrainingError as e:
-        return fail(e, status=1)
-    return 0
+
+    def work():
+        compare(task=args.task, seeds=args.seeds, seed=args.seed, steps=args.steps, out=args.out,
+                checkpoint=args.checkpoint, quick=args.quick, command=command)
+        return 0
+    return guarded(work)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,16 +193,20 @@ def add_sweep(subparsers):
 
 def run_sweep(args):
     from .sweep import sweep
+    try:                                        # found now, not after an hour of sweeping
+        if args.out is not None:
+            check_writable_folder(args.out, "--out")
+        load_pretrained(args.checkpoint, need_data=True)
+    except CheckpointError as e:
+        return fail(e)
     command = " ".join(["python -m tinyllm sweep", f"--task {args.task}", "--methods", *args.methods,
                         "--variants", *args.variants])
-    try:
+
+    def work():
         sweep(task=args.task, methods=args.methods, variants=args.variants, checkpoint=args.checkpoint,
               out=args.out, command=command)
-    except (CheckpointError, ValueError) as e:
-        return fail(e)
-    except TrainingError as e:
-        return fail(e, status=1)
-    return 0
+        return 0
+    return guarded(work)
 
 
 # ----------------------------------------------------------------------------------------------------

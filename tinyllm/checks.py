@@ -80,16 +80,27 @@ def blocks_exist(owner, layers, n_layer):
 # arrays
 
 
-def check_weights(name, value, shape, hint):
-    """value as an array that can be loaded into the parameter `name` of this shape, or a ValueError
-    saying what is wrong with it (hint: the likely cause of a shape mismatch)."""
-    a = as_array(value, f"{name} in the state dict")
+def check_weights(name, value, shape, hint, dtype=None, where="the state dict"):
+    """value as an array that can be loaded into the parameter `name` of this shape (and, given dtype, cast to
+    that dtype), or a ValueError saying what is wrong with it (hint: the likely cause of a shape mismatch).
+
+    Only integer and floating-point arrays are numbers a parameter can take: bool, complex, strings and
+    objects are refused, since a cast would silently make them 0/1, drop the imaginary part or fail. The
+    finite check comes after the cast: float64 weights of 1e39 are finite, and inf in a float32 model."""
+    a = as_array(value, f"{name} in {where}")
     if a.shape != shape:
-        raise ValueError(f"{name} has shape {a.shape} in the state dict but {shape} in this model; {hint}")
+        raise ValueError(f"{name} has shape {a.shape} in {where} but {shape} in this model; {hint}")
     if a.dtype.kind not in "iuf":
-        raise ValueError(f"{name} in the state dict has dtype {a.dtype}; parameters are real numbers")
+        raise ValueError(f"{name} in {where} has dtype {a.dtype}; parameters are real numbers")
     if not np.isfinite(a).all():
-        raise ValueError(f"{name} in the state dict holds nan or inf values; was it saved from a run that diverged?")
+        raise ValueError(f"{name} in {where} holds nan or inf values; was it saved from a run that diverged?")
+    if dtype is not None:
+        with np.errstate(over="ignore"):          # an overflow is what the check below is for
+            cast = a.astype(dtype)
+        if not np.isfinite(cast).all():
+            raise ValueError(f"{name} in {where} holds values too large for {np.dtype(dtype)} (largest magnitude "
+                             f"{np.abs(a.astype(np.float64)).max():.3g}); they would load as inf")
+        a = cast
     return a
 
 
@@ -129,3 +140,22 @@ def finite_positive(what, value):
     if not is_number(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def check_token_ids(ids, vocab_size):
+    """ids for a tokenizer's decode: a 1-D sequence of integers in [0, vocab_size), as an array."""
+    try:
+        ids = np.asarray(ids)
+    except (ValueError, TypeError):
+        raise ValueError("decode takes a 1-D sequence of ids; got nested lists of different lengths") from None
+    if ids.ndim != 1:
+        raise ValueError(f"decode takes a 1-D sequence of ids, got shape {ids.shape}; "
+                         f"decode each row of a batch separately")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    if bad.size:
+        pos = int(bad[0])
+        raise ValueError(f"id {int(ids[pos])} at position {pos} is not a token id: "
+                         f"ids must lie in [0, {vocab_size}) (vocab_size)")
+    return ids

@@ -20,7 +20,10 @@ class AdamW:
         p = p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
     Biases and layer-norm gains are not decayed: pulling a gain towards 0 would shrink the signal.
-    m and v have the dtype of their parameter, so float32 training stays float32.
+    m and v have the dtype of their parameter, so float32 training stays float32; a float16 parameter gets
+    float32 m and v, and its update is computed in float32 and rounded into it once. In float16 itself the
+    update could not be computed: eps = 1e-8 underflows to 0 (float16's smallest number is 6e-8), and so
+    does g^2 for every |g| < 2e-4, which makes m / (sqrt(v) + eps) a 0/0 at the first step.
 
     Inputs: params, {name: array}, updated in place by step(); lr, betas, eps, weight_decay as above.
     """
@@ -45,8 +48,8 @@ class AdamW:
         self.lr, self.betas = float(lr), tuple(map(float, betas))
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         self.t = 0                                                   # steps taken, for the bias correction
-        self.m = {k: np.zeros_like(p) for k, p in params.items()}
-        self.v = {k: np.zeros_like(p) for k, p in params.items()}
+        self.m = {k: np.zeros(p.shape, state_dtype(p)) for k, p in params.items()}
+        self.v = {k: np.zeros(p.shape, state_dtype(p)) for k, p in params.items()}
 
     def step(self, grads, lr=None):
         """Update every parameter that has a gradient in grads, in place.
@@ -75,13 +78,16 @@ class AdamW:
         bc1, bc2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t            # bias corrections: m, v start at 0
         for name, g in grads.items():
             p, m, v = self.params[name], self.m[name], self.v[name]
+            if g.dtype.itemsize < m.dtype.itemsize:
+                g = g.astype(m.dtype)                                # a float16 gradient, in float32
             if p.ndim >= 2 and self.weight_decay:
                 p *= 1.0 - lr * self.weight_decay                    # decoupled: not part of the gradient
             m *= b1
             m += (1.0 - b1) * g
             v *= b2
             v += (1.0 - b2) * (g * g)
-            p -= (lr / bc1) * m / (np.sqrt(v) / math.sqrt(bc2) + self.eps)
+            update = (lr / bc1) * m / (np.sqrt(v) / math.sqrt(bc2) + self.eps)
+            p -= update.astype(p.dtype, copy=False)
 
     def state_dict(self):
         """{'t': array(t), 'm/<name>': m, 'v/<name>': v}: copies, enough to resume bit for bit."""
@@ -102,11 +108,14 @@ class AdamW:
         t = state["t"]
         if not (is_int(t) or (isinstance(t, np.ndarray) and t.shape == () and t.dtype.kind in "iu")) or t < 0:
             raise ValueError(f"optimizer state t (steps taken) must be an integer >= 0, got {t!r}")
-        loaded = {}                      # check everything before changing anything
+        loaded = {}                      # check everything, as the state's dtype, before changing anything
         for k in self.params:
             for s in "mv":
                 loaded[f"{s}/{k}"] = check_weights(f"optimizer state {s}/{k}", state[f"{s}/{k}"],
-                                                   self.m[k].shape, "was it saved for another model?")
+                                                   self.m[k].shape, "was it saved for another model?", self.m[k].dtype)
+            if (loaded[f"v/{k}"] < 0).any():     # a mean of squares: negative is impossible, and sqrt(v) nan
+                raise ValueError(f"optimizer state v/{k} holds negative values, but v is a running mean of squared "
+                                 f"gradients; the file is corrupted or was edited")
         for k in self.params:
             self.m[k][...], self.v[k][...] = loaded[f"m/{k}"], loaded[f"v/{k}"]
         self.t = int(t)
@@ -114,6 +123,11 @@ class AdamW:
     def state_bytes(self):
         """Bytes held by m and v: twice the trainable parameters' size, the reason to train fewer of them."""
         return sum(a.nbytes for a in self.m.values()) + sum(a.nbytes for a in self.v.values())
+
+
+def state_dtype(p):
+    """The dtype of AdamW's m and v for parameter p: its own, but at least float32."""
+    return np.promote_types(p.dtype, np.float32)
 
 
 def check_lr(lr):

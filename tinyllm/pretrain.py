@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from .checkpoint import CheckpointError, load_checkpoint, load_pretrained
+from .checkpoint import CheckpointError, check_meta, load_checkpoint, load_pretrained
 from .data import corpus_splits, fact_recall_examples, unigram_loss
 from .model import GPT, GPTConfig
 from .tokenizer import CharTokenizer, default_tokenizer
@@ -27,6 +27,22 @@ QUICK = dict(n_chars=20_000, max_steps=30, batch_size=4, warmup_steps=5, eval_in
 
 
 PRETRAIN_OUT = "runs/pretrain/ckpt.npz"
+RESUMED = ("data", "train_config", "config", "tokenizer_chars", "step", "rng_state", "history")   # what resume reads
+
+
+def check_memory(model_config, batch_size):
+    """Refuse, before any work, a batch whose one training step needs more memory than this machine has
+    (tinyllm.memory counts it): it would end, after minutes, in a MemoryError or the kernel killing the run."""
+    from .memory import training_memory
+    from .peft import FullFineTuningConfig
+    need = training_memory(model_config, FullFineTuningConfig(), batch_size=batch_size)["bytes"]["total"]
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):    # not on Linux or macOS: cannot tell
+        return
+    if need > have:
+        raise ValueError(f"TrainConfig.batch_size = {batch_size:,} needs about {need / 2**30:,.1f} GiB for one "
+                         f"training step, but this machine has {have / 2**30:,.1f} GiB; use a smaller batch")
 
 
 def pretrain(out=PRETRAIN_OUT, steps=None, batch_size=None, lr=None, seed=None, resume=None,
@@ -40,8 +56,17 @@ def pretrain(out=PRETRAIN_OUT, steps=None, batch_size=None, lr=None, seed=None, 
     if resume is not None:
         _, saved = load_checkpoint(resume)
         if saved.get("kind") != "pretrain":
-            raise CheckpointError(f"{resume!r} is not a pretraining checkpoint (kind {saved.get('kind')!r})")
+            raise CheckpointError(f"{resume!r} is not a pretraining checkpoint (kind {saved.get('kind')!r:.60})")
+        missing = [k for k in RESUMED if k not in saved]
+        if missing:
+            raise CheckpointError(f"{resume!r} lacks the meta field(s) {missing} that a pretraining checkpoint has; "
+                                  f"the file was not written by tinyllm, or was edited")
+        check_meta(resume, saved, RESUMED)
         data, settings = saved["data"], saved["train_config"]
+        try:                                            # the saved settings alone, before any flag changes them
+            TrainConfig(**settings)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{resume!r}: meta field train_config is not a TrainConfig ({e})") from None
         model_config, tokenizer = GPTConfig(**saved["config"]), CharTokenizer(saved["tokenizer_chars"])
     else:
         data, model_config, tokenizer = dict(PRETRAIN_DATA), GPTConfig(), default_tokenizer()
@@ -54,6 +79,8 @@ def pretrain(out=PRETRAIN_OUT, steps=None, batch_size=None, lr=None, seed=None, 
             settings[name] = value
     settings["checkpoint"] = out
     cfg = TrainConfig(**settings)
+    check_memory(model_config, cfg.batch_size)
+
 
     world, train_text, val_text = corpus_splits(data)
     splits = {"train": tokenizer.encode(train_text), "val": tokenizer.encode(val_text)}
@@ -106,7 +133,7 @@ def load_base(checkpoint, config=None, seed=0, fallback=None, echo=default_out):
         checkpoint = fallback
     if not os.path.exists(checkpoint):
         echo(f"No pretrained model at {os.path.relpath(checkpoint)} yet: pretraining one first "
-             f"(tinyllm.train.pretrain, a few minutes; later lessons reuse it).")
+             f"(tinyllm.pretrain.pretrain, a few minutes; later lessons reuse it).")
         pretrain(out=checkpoint, echo=echo)
-    model, tok, meta = load_pretrained(checkpoint)
+    model, tok, meta = load_pretrained(checkpoint, need_data=True)
     return model, tok, meta["data"], f"pretrained, from {os.path.relpath(checkpoint)} (step {meta.get('step')})"

@@ -154,8 +154,9 @@ def load_file(path, mmap=True):
 def load_into(path, targets):
     """Read tensors of a safetensors file straight into existing arrays, one at a time: targets is {name in
     the file: destination ndarray of the tensor's shape}; a file dtype other than the destination's is read
-    into a temporary of that one tensor and cast. The file is never held in memory whole: loading a model
-    needs its arrays and one tensor more, not two copies of the file. Tensors not named are skipped.
+    into a temporary of that one tensor and cast (a value too large for the destination's dtype becomes inf,
+    without a warning: check what you load, as load_gpt2 does). The file is never held in memory whole: loading
+    a model needs its arrays and one tensor more, not two copies of the file. Tensors not named are skipped.
     Raises CheckpointError for a bad file, a name it lacks, or a shape that differs."""
     path = regular_file(path)
     try:
@@ -174,7 +175,8 @@ def load_into(path, targets):
                 if f.readinto(raw) != len(raw):
                     raise CheckpointError(f"{path!r} got shorter while being read; load it again")
                 if not same:
-                    out[...] = to_array(raw, t["dtype"], t["shape"], path, name)
+                    with np.errstate(over="ignore"):    # too large for out's dtype: inf, for the caller to check
+                        out[...] = to_array(raw, t["dtype"], t["shape"], path, name)
     except OSError as e:
         raise CheckpointError(f"cannot read {path!r}: {e.strerror}") from None
 

@@ -8,6 +8,8 @@ import string
 
 import numpy as np
 
+from .checks import check_token_ids
+
 # The default alphabet, in id order: newline (id 0), space, the punctuation our text may use, digits,
 # lower-case letters. 2 + 26 + 10 + 26 = 64 characters, the vocab_size of the bench GPTConfig.
 VOCAB = "\n" + " " + "!\"#$%&'()*+,-./:;<=>?@[]_|" + string.digits + string.ascii_lowercase
@@ -81,22 +83,7 @@ class CharTokenizer:
         Returns:
         - text: str with one character per id.
         """
-        try:
-            ids = np.asarray(ids)
-        except (ValueError, TypeError):
-            raise ValueError("decode takes a 1-D sequence of ids; got nested lists of different lengths") from None
-        if ids.ndim != 1:
-            raise ValueError(f"decode takes a 1-D sequence of ids, got shape {ids.shape}; "
-                             f"decode each row of a batch separately")
-        if ids.size == 0:
-            return ""
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
-        bad = np.flatnonzero((ids < 0) | (ids >= self.vocab_size))
-        if bad.size:
-            pos = int(bad[0])
-            raise ValueError(f"id {int(ids[pos])} at position {pos} is not a token id: "
-                             f"ids must lie in [0, {self.vocab_size}) (vocab_size)")
+        ids = check_token_ids(ids, self.vocab_size)
         return "".join(self.itos[i] for i in ids.tolist())
 
     def __repr__(self):

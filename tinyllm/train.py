@@ -171,10 +171,31 @@ class Run:
                           "model_rng": self.model_rng.bit_generator.state if self.model_rng is not None else None}
 
 
+def check_model(model):
+    """Raise a TypeError naming what model lacks of the protocol train() uses (module docstring)."""
+    missing = [f"{name}()" for name in ("trainable_parameters", "state_dict", "load_state_dict")
+               if not callable(getattr(model, name, None))]
+    if not callable(getattr(model, "forward_backward", None)) and not (
+            callable(getattr(model, "forward", None)) and callable(getattr(model, "backward", None))):
+        missing.append("forward_backward() (or forward() and backward())")
+    if not callable(getattr(getattr(model, "config", None), "to_dict", None)):
+        missing.append("config.to_dict()")
+    if missing:
+        raise TypeError(f"model must be a tinyllm GPT or PeftModel (or have what train() uses of them), got "
+                        f"{type(model).__name__}, which has no {', '.join(missing)}")
+
+
 def start_run(model, get_batch, cfg, resume_from, meta, out):
     """Check the inputs and build the Run: fresh, or the state a checkpoint saved."""
+    check_model(model)
+    if not callable(get_batch):
+        raise TypeError(f"get_batch must be a function get_batch(split, rng) -> (x, y), got {type(get_batch).__name__}")
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"meta must be None or a dict of JSON-able facts, got {type(meta).__name__}")
+    if not callable(out):
+        raise TypeError(f"out must be a function that takes one line of text (e.g. print), got {type(out).__name__}")
     params = model.trainable_parameters()
     if not params:
         raise ValueError("the model has no trainable parameters; unfreeze some or add a fine-tuning method")
@@ -188,7 +209,8 @@ def start_run(model, get_batch, cfg, resume_from, meta, out):
     run = Run(model, get_batch, cfg, AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
               np.random.default_rng(cfg.seed), extra)
     if resume_from is not None:
-        run.rng, run.step, run.history, saved = load_training_state(resume_from, model, run.optimizer)
+        run.rng, run.step, run.history, saved = load_training_state(resume_from, model, run.optimizer,
+                                                                    history_fields=tuple(new_history()))
         if run.model_rng is not None and saved.get("model_rng_state") is not None:
             restore_rng(resume_from, saved["model_rng_state"], run.model_rng)
         changed = [f.name for f in fields(cfg) if f.name not in ("checkpoint", "workers")
@@ -203,16 +225,30 @@ def start_run(model, get_batch, cfg, resume_from, meta, out):
     return run
 
 
+def draw(get_batch, split, rng):
+    """get_batch(split, rng), checked to be a pair (x, y); the model checks the token ids themselves."""
+    batch = get_batch(split, rng)
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        got = f"{len(batch)} things" if isinstance(batch, (tuple, list)) else type(batch).__name__
+        raise TypeError(f"get_batch({split!r}, rng) must return a pair (x, y) of (B,T) token-id arrays, got {got}")
+    return batch
+
+
 def validation_fn(run):
     """The mean loss over cfg.eval_iters 'val' batches, drawn once from their own stream of cfg.seed, so
     every evaluation sees the same ones (and the batch RNG is not touched)."""
     val_rng = np.random.default_rng([run.cfg.seed, 1])
-    batches = [run.get_batch("val", val_rng) for _ in range(run.cfg.eval_iters)]
+    batches = [draw(run.get_batch, "val", val_rng) for _ in range(run.cfg.eval_iters)]
     return lambda m: float(np.mean([m.forward(x, y)[1] for x, y in batches]))
 
 
 def evaluate(run, eval_fn, out):
-    val_loss = eval_fn(run.model)
+    with quiet_floats():
+        val_loss = eval_fn(run.model)
+    if not is_real(val_loss):
+        raise TypeError(f"eval_fn(model) must return the validation loss as a number, got {val_loss!r:.80}")
+    if not math.isfinite(val_loss):
+        diverged(run, "the validation loss", val_loss, before_step=False)
     with interrupts_held():
         run.history["val_step"].append(run.step)
         run.history["val_loss"].append(float(val_loss))
@@ -220,19 +256,34 @@ def evaluate(run, eval_fn, out):
     out(f"step {run.step:>5}/{run.cfg.max_steps} | val loss {val_loss:.4f}")
 
 
-def diverged(run, what, value):
+def diverged(run, what, value, before_step=True):
     run.history["status"] = "diverged"
     kept = (f"the last good checkpoint, {run.cfg.checkpoint} (step {run.saved_step}), was kept"
             if run.saved_step is not None else "no checkpoint had been written yet")
-    raise TrainingError(f"step {run.step + 1}: {what} is {value}, not a finite number; training stopped and "
-                        f"{kept}. Try a lower learning rate or a smaller grad_clip.", run.step + 1, value, run.history)
+    step = run.step + 1 if before_step else run.step
+    raise TrainingError(f"step {step}: {what} is {value}, not a finite number; training stopped and "
+                        f"{kept}. Try a lower learning rate or a smaller grad_clip.", step, value, run.history)
+
+
+def is_real(v):
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+@contextmanager
+def quiet_floats():
+    """NumPy's overflow and invalid-value warnings off: the loop checks the loss and the gradient norm itself
+    and stops with one clear TrainingError, so a diverging run prints that instead of a page of warnings.
+    (The workers of a data-parallel step compute under these settings too: tinyllm.parallel hands them on.)"""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        yield
 
 
 def train_step(run):
     """Batch, forward and backward, clip, AdamW: one step, committed whole or not at all."""
     cfg = run.cfg
-    x, y = run.get_batch("train", run.rng)
-    loss, grads = forward_backward(run.model, x, y, cfg.workers)      # which checks x and y
+    x, y = draw(run.get_batch, "train", run.rng)
+    with quiet_floats():
+        loss, grads = forward_backward(run.model, x, y, cfg.workers)  # which checks x and y
     if np.asarray(x).shape[0] != cfg.batch_size:
         raise ValueError(f"get_batch gave {np.asarray(x).shape[0]} sequences but TrainConfig.batch_size is "
                          f"{cfg.batch_size}; build get_batch with the config's batch size")
@@ -243,7 +294,7 @@ def train_step(run):
         diverged(run, "the gradient norm", norm)
     lr = lr_schedule(run.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     h = run.history
-    with interrupts_held():                              # the update and its bookkeeping, whole
+    with interrupts_held(), quiet_floats():              # the update and its bookkeeping, whole
         run.optimizer.step(grads, lr)
         run.step += 1
         run.commit()
@@ -291,9 +342,16 @@ def train(model, get_batch, cfg, eval_fn=None, out=default_out, resume_from=None
       resume_command  the command to print after Ctrl-C; default: a train(..., resume_from=...) call
     Returns: history (see new_history). Ctrl-C saves a checkpoint (when cfg.checkpoint is set), prints how
     to resume and returns with history['status'] == 'interrupted'.
-    Raises: TrainingError when the loss or gradient is not finite; no checkpoint is written over the
-    last good one.
+    Raises: TrainingError when the loss, the gradient or the validation loss is not finite; no checkpoint is
+    written over the last good one. TypeError, before the first step, for arguments that are not what they
+    should be (a model without the protocol, a get_batch or eval_fn that is not a function, a meta that is
+    not a dict), and at the first call of a get_batch or eval_fn that returns the wrong kind of thing.
     """
+    if eval_fn is not None and not callable(eval_fn):
+        raise TypeError(f"eval_fn must be None or a function eval_fn(model) -> validation loss, got "
+                        f"{type(eval_fn).__name__}")
+    if resume_command is not None and not isinstance(resume_command, str):
+        raise TypeError(f"resume_command must be None or a string, got {type(resume_command).__name__}")
     run = start_run(model, get_batch, cfg, resume_from, meta, out)
     if eval_fn is None and cfg.eval_iters:
         eval_fn = validation_fn(run)
