@@ -12,7 +12,7 @@ their formats with NumPy alone:
   6. with --gpt2 FOLDER (a GPT-2 you downloaded yourself; tinyllm downloads nothing): the real GPT-2, its
      PEFT-style counts, a few generated tokens, and a few LoRA steps on a small text
 
-Run from the repository root (under a minute without --gpt2):
+Run from the repository root (README.md has the measured time, without --gpt2):
 
     python lessons/18_to_hugging_face_and_back.py
     python lessons/18_to_hugging_face_and_back.py --gpt2 path/to/gpt2
@@ -74,7 +74,8 @@ def show_safetensors(path):
     print(f"{len(header) - 1} tensors; the first: {name!r}: {header[name]}")
     print(f"metadata: {header.get('__metadata__')}  (transformers wants 'format': 'pt')")
     print("tinyllm.safetensors checks every field (sizes, offsets, dtypes, that the tensors tile the data) before")
-    print("it touches the numbers, and memory-maps them: a 500 MB file is not read into memory to be loaded.")
+    print("it touches the numbers, and memory-maps them: GPT.from_pretrained copies each tensor from the map")
+    print("straight into the model's arrays, so loading a file costs one copy of it in memory, not two.")
     return {"header_bytes": n, "tensors": len(header) - 1}
 
 

@@ -289,7 +289,18 @@ FORMAT_CASES = {
     "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=P),
     "prefix projection": lambda: PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=True, encoder_hidden_size=8),
     "prompt": lambda: PromptTuningConfig(num_virtual_tokens=P),
+    "lora dropout": lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.1,
+                                       init_lora_weights=False),      # loaded for inference: no dropout
+    # a regex in tinyllm's names (h.0...) is widened for PEFT's (transformer.h.0...); one in PEFT's works as it is
+    "lora tinyllm regex": lambda: LoraConfig(r=2, lora_alpha=4, target_modules=r"h\.\d+\.attn\.c_attn",
+                                             init_lora_weights=False),
+    "lora peft regex": lambda: LoraConfig(r=2, lora_alpha=4, target_modules=r"transformer\.h\.\d+\.mlp\.c_fc",
+                                          init_lora_weights=False),
+    "lora full names": lambda: LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,     # as 'all-linear' saves
+                                          target_modules=["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"]),
     "ia3": lambda: IA3Config(init_ia3_weights=False),
+    # PEFT fills in feedforward_modules=['mlp.c_proj'] for a GPT-2, and saves it, though it is no target here
+    "ia3 c_attn only": lambda: IA3Config(target_modules=["c_attn"], init_ia3_weights=False),
 }
 
 
@@ -320,7 +331,7 @@ def test_peft_loads_what_tinyllm_saves(case, tmp_path, record_error):
     assert d < (1e-6 if case.startswith(("prefix", "prompt")) else LOGITS_TOL)   # peft loads a prompt as float32
 
 
-@pytest.mark.parametrize("case", [c for c in FORMAT_CASES if c != "prefix projection"])
+@pytest.mark.parametrize("case", [c for c in FORMAT_CASES if c not in ("prefix projection", "lora tinyllm regex")])
 def test_tinyllm_loads_what_peft_saves(case, tmp_path, record_error):
     """peft saves its trained-looking adapter; tinyllm loads the folder onto the same base weights."""
     cfg = FORMAT_CASES[case]()

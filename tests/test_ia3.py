@@ -76,7 +76,6 @@ def test_the_scaled_side_is_the_output_or_the_input():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(target_modules=["c_attn"], feedforward_modules=["mlp.c_proj"]), "subset of target_modules"),
-    (dict(target_modules=r".*c_attn", feedforward_modules=["mlp.c_proj"]), "not among target_modules"),
     (dict(target_modules=["q_proj"], feedforward_modules=[]), "not a module of this GPT"),
     (dict(target_modules=[""]), "target_modules must be"),
     (dict(feedforward_modules=7), "feedforward_modules must be"),
@@ -85,3 +84,13 @@ def test_the_scaled_side_is_the_output_or_the_input():
 def test_config_errors_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         get_peft_model(make_base(), IA3Config(**kwargs))
+
+
+@pytest.mark.parametrize("kwargs", [dict(target_modules=["c_attn"]),
+                                    dict(target_modules=r".*c_attn", feedforward_modules=["mlp.c_proj"])])
+def test_feedforward_modules_only_mark_targets(kwargs):
+    """As in PEFT: the default feed-forward module (mlp.c_proj), or one a regex target leaves out, is not a target
+    here, so every vector scales c_attn's output (3C numbers per block)."""
+    pm = get_peft_model(make_base(), IA3Config(**kwargs))
+    shapes = {k: v.shape for k, v in pm.trainable_parameters().items()}
+    assert shapes == {f"h.{i}.attn.c_attn.ia3_l": (3 * CFG.n_embd,) for i in range(CFG.n_layer)}

@@ -563,3 +563,11 @@ def test_unmerge_restores_the_base_bit_for_bit_so_its_adapters_still_load(tmp_pa
     assert all(np.array_equal(base.params[k], before[k]) for k in before)
     pm.save_pretrained(tmp_path)
     PeftModel.from_pretrained(base, tmp_path)    # the fingerprint still matches
+
+
+def test_a_format_the_method_lacks_is_refused_before_anything_is_written(tmp_path):
+    """PEFT has no Houlsby adapters: format='peft' says so, and leaves no folder behind."""
+    pm = get_peft_model(make_base(), AdapterConfig(bottleneck_size=4))
+    with pytest.raises(ValueError, match="tinyllm's format"):
+        pm.save_pretrained(tmp_path / "out", format="peft")
+    assert not (tmp_path / "out").exists()

@@ -22,9 +22,8 @@ import json
 import os
 import unicodedata
 
-import numpy as np
-
 from .checkpoint import CheckpointError
+from .checks import check_token_ids
 
 SPECIAL = "<|endoftext|>"   # GPT-2's one special token (id 50256), between documents
 CACHE_SIZE = 100_000        # pieces remembered by encode; the cache is emptied when full
@@ -286,22 +285,7 @@ class BPETokenizer:
 
     def decode_bytes(self, ids):
         """The exact bytes that ids stand for (1-D list or array of ints in [0, vocab_size))."""
-        try:
-            ids = np.asarray(ids)
-        except (ValueError, TypeError):
-            raise ValueError("decode takes a 1-D sequence of ids; got nested lists of different lengths") from None
-        if ids.ndim != 1:
-            raise ValueError(f"decode takes a 1-D sequence of ids, got shape {ids.shape}; "
-                             f"decode each row of a batch separately")
-        if ids.size == 0:
-            return b""
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
-        bad = np.flatnonzero((ids < 0) | (ids >= self.vocab_size))
-        if bad.size:
-            pos = int(bad[0])
-            raise ValueError(f"id {int(ids[pos])} at position {pos} is not a token id: "
-                             f"ids must lie in [0, {self.vocab_size}) (vocab_size)")
+        ids = check_token_ids(ids, self.vocab_size)
         return bytes(BYTE_DECODER[ch] for i in ids.tolist() for ch in self.tokens[i])
 
     def decode(self, ids):

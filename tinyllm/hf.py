@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from .checkpoint import CheckpointError, atomic_open
+from .checkpoint import CheckpointError, atomic_open, read_json_object
 from .model import GPT, GPTConfig, param_shapes
 from .safetensors import load_into, read_header, save_file
 
@@ -40,37 +40,38 @@ def read_config(folder):
     if not os.path.isfile(path):
         raise CheckpointError(f"no {CONFIG} in {folder!r}: a Hugging Face GPT-2 folder holds config.json and "
                               f"model.safetensors")
-    try:
-        with open(path, encoding="utf-8") as f:
-            c = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable JSON config ({e})") from None
-    if not isinstance(c, dict):
-        raise CheckpointError(f"{path} holds {type(c).__name__}, not a JSON object")
+    c = read_json_object(path, "JSON config")
     if c.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(f"{path}: model_type {c.get('model_type')!r}; tinyllm reads GPT-2 (model_type 'gpt2')")
     for field, allowed in REQUIRED.items():
         if field in c and c[field] not in allowed:
             raise CheckpointError(f"{path}: {field} = {c[field]!r} is not implemented by tinyllm (it computes "
                                   f"{field} = {allowed[0]!r})")
-    if c.get("n_inner") not in (None, 4 * c.get("n_embd", 0)):
-        raise CheckpointError(f"{path}: n_inner = {c['n_inner']} is not implemented by tinyllm (its MLP is 4 * n_embd wide)")
     try:
-        return GPTConfig(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"],
-                         n_head=c["n_head"], n_embd=c["n_embd"])
+        config = GPTConfig(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"],
+                           n_head=c["n_head"], n_embd=c["n_embd"])
     except KeyError as e:
         raise CheckpointError(f"{path} lacks the field {e.args[0]!r} that a GPT-2 config has") from None
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    if c.get("n_inner") not in (None, 4 * config.n_embd):      # after the sizes are known to be integers
+        raise CheckpointError(f"{path}: n_inner = {c['n_inner']!r:.60} is not implemented by tinyllm (its MLP is "
+                              f"4 * n_embd wide)")
+    return config
 
 
 def weights_path(folder):
     path = os.path.join(folder, WEIGHTS)
     if not os.path.isfile(path):
-        pickled = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack") if os.path.exists(os.path.join(folder, n))]
+        if os.path.exists(os.path.join(folder, WEIGHTS + ".index.json")):
+            raise CheckpointError(f"{folder!r} holds {WEIGHTS} in shards ({WEIGHTS}.index.json): tinyllm reads one "
+                                  f"file; join them with transformers: GPT2LMHeadModel.from_pretrained(folder)"
+                                  f".save_pretrained(folder, max_shard_size='100GB')")
+        others = {"pytorch_model.bin": "a pickle that can run code when loaded: tinyllm never opens one",
+                  "tf_model.h5": "TensorFlow's format", "flax_model.msgpack": "Flax's format"}
+        found = [n for n in others if os.path.exists(os.path.join(folder, n))]
         raise CheckpointError(
-            f"no {WEIGHTS} in {folder!r}" + (f" (only {pickled[0]}, a pickle that can run code when loaded: tinyllm "
-                                             f"never opens one)" if pickled else "") +
+            f"no {WEIGHTS} in {folder!r}" + (f" (only {found[0]}, {others[found[0]]})" if found else "") +
             "; download the repository's model.safetensors (Hugging Face's GPT-2 repositories have one), or convert "
             "with transformers: GPT2LMHeadModel.from_pretrained(folder).save_pretrained(folder)")
     return path
@@ -85,6 +86,8 @@ def file_names(path, config):
         name = key[len("transformer."):] if key.startswith("transformer.") else key
         if name.endswith(BUFFERS):
             continue
+        if info[key]["dtype"] == "BOOL":       # as load_state_dict: a weight is a number, not True or False
+            raise CheckpointError(f"{path}: {key!r} is a BOOL tensor; GPT-2's weights are numbers")
         if name == "lm_head.weight":
             head = key
         else:

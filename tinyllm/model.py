@@ -299,13 +299,18 @@ def sample_next(logits, temperature, top_k, rng):
     """Pick one token per row from logits (B,V): argmax at temperature 0, else a sample."""
     if temperature == 0:
         return logits.argmax(axis=-1)
-    logits = logits.astype(np.float64) / temperature
+    # the max is subtracted before dividing, not after: every row then has a 0 and the rest <= 0, so a tiny
+    # temperature sends the others to -inf (probability 0) and never makes inf - inf = nan; the limit of
+    # sampling as the temperature goes to 0 is greedy decoding, and that is what comes out
+    logits = logits.astype(np.float64)
+    with np.errstate(over="ignore"):
+        logits = (logits - logits.max(axis=-1, keepdims=True)) / temperature
     if top_k is not None:
         kth = np.sort(logits, axis=-1)[:, -min(top_k, logits.shape[-1])][:, None]
         logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = np.exp(logits)
     probs /= probs.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(len(row), p=row) for row in probs])
+    return np.array([rng.choice(len(row), p=row) for row in probs], dtype=np.int64)
 
 
 def generate(forward, idx, max_new_tokens, block_size, temperature=1.0, top_k=None, seed=None, reserved=0):
@@ -332,9 +337,11 @@ def generate(forward, idx, max_new_tokens, block_size, temperature=1.0, top_k=No
     if out.ndim != 2:   # the other checks of idx are gpt_forward's
         raise ValueError(f"idx must be a 2-D array of token ids (batch, time), got shape {out.shape}; "
                          f"wrap a single sequence as idx[None, :]")
+    if out.dtype.kind in "iu" and out.dtype != np.int64 and (out.size == 0 or out.max() <= np.iinfo(np.int64).max):
+        out = out.astype(np.int64)   # the ids come back as int64, the new tokens' type: uint64 + int64 is float64
     logits, past = forward(out[:, -window:], None)
     for step in range(max_new_tokens):
-        nxt = sample_next(logits[:, -1], temperature, top_k, rng)                # (B,)
+        nxt = sample_next(logits[:, -1], temperature, top_k, rng).astype(np.int64)   # (B,)
         out = np.concatenate([out, nxt[:, None]], axis=1)
         if step == max_new_tokens - 1:
             break
@@ -442,7 +449,8 @@ class GPT:
                              f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
                              f"{'...' if len(unexpected) > 5 else ''}; was it saved from a model with "
                              f"another config ({self.config})?")
-        state = {k: check_weights(k, v, self.params[k].shape, f"the config differs ({self.config})")
-                 for k, v in state.items()}   # check everything before changing anything
+        state = {k: check_weights(k, v, self.params[k].shape, f"the config differs ({self.config})",
+                                  self.params[k].dtype)
+                 for k, v in state.items()}   # check everything, as the model's dtype, before changing anything
         for k, v in state.items():
             self.params[k][...] = v

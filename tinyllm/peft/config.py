@@ -28,7 +28,7 @@ class PeftConfig:
         from .method import METHODS
         d = dict(d)
         kind = d.pop("peft_type", None)
-        if kind not in METHODS:
+        if not isinstance(kind, str) or kind not in METHODS:
             raise ValueError(f"unknown peft_type {kind!r} in adapter config; expected one of {list(METHODS)}")
         cls = METHODS[kind].config_class
         known = {f.name for f in fields(cls)}

@@ -12,6 +12,7 @@ merges into the weights exactly: W's columns (and b) times l, or W's rows times 
 
 Legend: n the features a vector scales (out for a target, in for a feed-forward module), C channels.
 """
+import re
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
@@ -21,7 +22,7 @@ from ..checks import flag
 from ..model import Hooks
 from .config import PeftConfig
 from .method import (Method, PeftFormatError, check_peft_fields, linear_shapes, match_modules, our_key, peft_key,
-                     register_peft_method)
+                     peft_pattern, register_peft_method)
 
 KEY = ".ia3_l"
 
@@ -29,9 +30,12 @@ KEY = ".ia3_l"
 @dataclass
 class IA3Config(PeftConfig):
     """(IA)^3: learned vectors that rescale the targeted linears' outputs, or for feedforward_modules their
-    inputs. target_modules and feedforward_modules match as LoRA's do (names or '.'-suffixes, or one regular
-    expression); every feed-forward module must be a target too. Defaults: PEFT's for GPT-2.
-    init_ia3_weights: True (ones: the model starts as the base) or False (random, for tests)."""
+    inputs. target_modules matches as LoRA's does (names or '.'-suffixes, or one regular expression); a
+    target is feed-forward when its name ends with an entry of feedforward_modules (or matches it, a
+    regular expression). Given as two lists, feedforward_modules must be a subset of target_modules, name
+    for name, as PEFT requires. Defaults: PEFT's for GPT-2 (feedforward_modules None: 'mlp.c_proj', the
+    default PEFT fills in for a GPT-2). init_ia3_weights: True (ones: the model starts as the base) or
+    False (random, for tests)."""
     peft_type = "IA3"
     target_modules: Optional[Union[List[str], str]] = None
     feedforward_modules: Optional[Union[List[str], str]] = None
@@ -41,34 +45,40 @@ class IA3Config(PeftConfig):
         super().__post_init__()
         if self.target_modules is None:
             self.target_modules = ["c_attn", "mlp.c_proj"]              # PEFT's default for GPT-2
-        if self.feedforward_modules is None:
-            self.feedforward_modules = ["mlp.c_proj"]
         for field in ("target_modules", "feedforward_modules"):
             value = getattr(self, field)
+            if value is None:
+                continue
             if not (isinstance(value, str) or isinstance(value, (list, tuple)) and
                     all(isinstance(t, str) and t for t in value)):
                 raise ValueError(f"IA3Config.{field} must be a list of module names or one regular expression, "
                                  f"got {value!r}")
             if not isinstance(value, str):
                 setattr(self, field, list(value))
-        if not isinstance(self.target_modules, str) and not isinstance(self.feedforward_modules, str) \
+        if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list) \
                 and not set(self.feedforward_modules) <= set(self.target_modules):
             raise ValueError(f"IA3Config.feedforward_modules {self.feedforward_modules} must be a subset of "
                              f"target_modules {self.target_modules}, name for name (as PEFT requires)")
         flag("IA3Config", "init_ia3_weights", self.init_ia3_weights)
 
 
+GPT2_FEEDFORWARD = ["mlp.c_proj"]      # what PEFT fills in for a GPT-2 when feedforward_modules is None
+
+
+def is_feedforward(patterns, name):
+    """As PEFT decides it, on transformers' name of the module: a regex matches it whole; a list entry ends it."""
+    key = "transformer." + name
+    if isinstance(patterns, str):
+        return bool(re.fullmatch(patterns, key) or re.fullmatch(patterns, name))
+    return any(key.endswith(t) for t in patterns)
+
+
 def targets(config, mc):
     """{module name: True if it is a feed-forward module (its input is scaled), False (its output)}."""
     shapes = linear_shapes(mc)
     names = match_modules("IA3Config", "target_modules", config.target_modules, list(shapes))
-    feedforward = match_modules("IA3Config", "feedforward_modules", config.feedforward_modules, list(shapes)) \
-        if config.feedforward_modules else []
-    stray = sorted(set(feedforward) - set(names))
-    if stray:
-        raise ValueError(f"IA3Config.feedforward_modules {stray[:2]} are not among target_modules: a feed-forward "
-                         f"module must be a target too (as PEFT requires)")
-    return {n: n in feedforward for n in names}
+    feedforward = GPT2_FEEDFORWARD if config.feedforward_modules is None else config.feedforward_modules
+    return {n: is_feedforward(feedforward, n) for n in names}
 
 
 def vector_size(name, feedforward, mc):
@@ -166,8 +176,9 @@ class IA3(Method):
     # PEFT's format: a target's vector as (out, 1), a feed-forward module's as (1, in), under the linear's name
 
     def to_peft(self, config, arrays, model):
-        fields = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": config.target_modules,
-                  "feedforward_modules": config.feedforward_modules, "fan_in_fan_out": True,
+        names = list(linear_shapes(model.config))
+        fields = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": peft_pattern(config.target_modules, names),
+                  "feedforward_modules": peft_pattern(config.feedforward_modules, names), "fan_in_fan_out": True,
                   "init_ia3_weights": config.init_ia3_weights, "inference_mode": True, "base_model_name_or_path": None,
                   "modules_to_save": None}
         ff = targets(config, model.config)
@@ -175,7 +186,10 @@ class IA3(Method):
 
     def from_peft(self, fields, arrays, model, where="adapter_config.json"):
         check_peft_fields(where, fields, {"target_modules", "feedforward_modules", "fan_in_fan_out", "init_ia3_weights"})
-        config = IA3Config(target_modules=fields["target_modules"], feedforward_modules=fields.get("feedforward_modules"),
+        targets_, feedforward = fields["target_modules"], fields.get("feedforward_modules")
+        if isinstance(targets_, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets_):
+            feedforward = None    # PEFT saved the GPT-2 default it filled in (not a subset): it means the same
+        config = IA3Config(target_modules=targets_, feedforward_modules=feedforward,
                            init_ia3_weights=fields.get("init_ia3_weights", True))
         ours = {our_key(k): a.reshape(-1) for k, a in arrays.items()}
         if not all(k.endswith(KEY) for k in ours):

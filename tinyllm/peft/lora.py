@@ -25,7 +25,7 @@ from ..layers import lora_backward, lora_forward
 from ..model import Hooks, param_shapes
 from .config import PeftConfig
 from .method import (LINEARS, Method, PeftFormatError, check_peft_fields, linear_shapes, match_modules, our_key,
-                     peft_key, register_peft_method)
+                     peft_key, peft_pattern, register_peft_method)
 
 
 @dataclass
@@ -285,7 +285,8 @@ class Lora(Method):
             raise PeftFormatError("LoRA on a third of c_attn (c_attn.q, .k or .v) has no PEFT equivalent: in "
                                   "transformers GPT-2's c_attn is one fused linear; it is saved in tinyllm's format")
         fields = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.lora_alpha,
-                  "target_modules": config.target_modules, "fan_in_fan_out": True, "lora_dropout": config.lora_dropout,
+                  "target_modules": peft_pattern(config.target_modules, list(linear_shapes(model.config))),
+                  "fan_in_fan_out": True, "lora_dropout": config.lora_dropout,
                   "bias": config.bias, "use_rslora": config.use_rslora, "init_lora_weights": config.init_lora_weights,
                   "layers_to_transform": config.layers_to_transform,
                   "trainable_token_indices": config.trainable_token_indices, "modules_to_save": None,

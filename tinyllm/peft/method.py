@@ -176,20 +176,35 @@ def linear_shapes(mc, linears=LINEARS):
     return {f"h.{i}.{name}": (a * C, b * C) for i in range(mc.n_layer) for name, (a, b) in linears.items()}
 
 
+def regex_picks(pattern, name):
+    """A target_modules regex picks a module when it matches the whole name, tinyllm's (h.0.attn.c_attn) or
+    transformers' (transformer.h.0.attn.c_attn), so patterns written for either work."""
+    return bool(re.fullmatch(pattern, name) or re.fullmatch(pattern, "transformer." + name))
+
+
+def peft_pattern(patterns, names):
+    """target_modules as PEFT must read it (it matches transformers' names): a list as it is; a regex as it is
+    when it picks the same modules there, else widened to allow the 'transformer.' in front."""
+    if not isinstance(patterns, str) or all(regex_picks(patterns, n) == bool(re.fullmatch(patterns, "transformer." + n))
+                                            for n in names):
+        return patterns
+    return rf"(?:transformer\.)?(?:{patterns})"
+
+
 def match_modules(owner, field, patterns, names, layers=None, n_layer=None):
     """The names a target_modules-like field picks, as PEFT matches them: a list by exact name or '.'-suffix
     ('c_proj' is attn.c_proj and mlp.c_proj), a string as a regular expression over the whole name; then
-    only the blocks in layers (layers_to_transform). In the model's order. Raises ValueError naming the
-    valid names for a pattern that matches nothing."""
+    only the blocks in layers (layers_to_transform). Names may carry transformers' 'transformer.' in front.
+    In the model's order. Raises ValueError naming the valid names for a pattern that matches nothing."""
     if isinstance(patterns, str):
-        picked = [n for n in names if re.fullmatch(patterns, n)]
+        picked = [n for n in names if regex_picks(patterns, n)]
         if not picked:
             raise ValueError(f"{owner}.{field} regex {patterns!r} matches no module; module names look like "
                              f"{names[:4]}")
     else:
         picked = set()
         for t in patterns:
-            hits = [n for n in names if n == t or n.endswith("." + t)]
+            hits = [n for n in names if n == t or ("transformer." + n).endswith("." + t) or "transformer." + n == t]
             if not hits:
                 short = sorted({n.split(".", 2)[2] for n in names} | {n.split(".", 3)[3] for n in names})
                 raise ValueError(f"{owner}.{field}: {t!r} is not a module of this GPT; valid names: {short} "

@@ -12,15 +12,16 @@ carry several named adapters (one per task); one of them is active at a time.
 """
 import contextlib
 import os
+import unicodedata
 
 import numpy as np
 
 from ..checkpoint import CheckpointError
 from ..checks import as_array, check_weights
 from ..parallel import check_workers, default_workers, forward_backward
-from ..model import NO_HOOKS, generate, gpt_backward, gpt_forward
+from ..model import GPT, NO_HOOKS, generate, gpt_backward, gpt_forward
 from .method import method_of
-from .saving import base_fingerprint, read_adapter, write_adapter
+from .saving import CONFIG_NAME, NPZ_NAME, SAFETENSORS_NAME, base_fingerprint, read_adapter, write_adapter
 
 
 
@@ -29,10 +30,40 @@ def reserved_positions(config):
     return method_of(config).reserved_positions(config)
 
 
+def check_base_model(model, what="model"):
+    """Raise a TypeError unless model is a plain tinyllm GPT (not None, not a PeftModel already)."""
+    if isinstance(model, PeftModel):
+        raise TypeError(f"{what} is a PeftModel already; add another adapter to it with "
+                        f"pm.add_adapter(name, config), or wrap its base model, pm.base_model")
+    if not isinstance(model, GPT):
+        raise TypeError(f"{what} must be a tinyllm GPT (e.g. GPT(GPTConfig()), or load_pretrained(path)[0]), "
+                        f"got {type(model).__name__}")
+
+
+def check_adapter_name(name):
+    """save_pretrained makes every adapter's name a folder name (save_directory/<name>/, beside the default
+    adapter's files): a name no folder can have, or the name of one of those files, is refused now, when the
+    adapter is added, rather than half-way through a save."""
+    if not isinstance(name, str) or name in ("", ".", ".."):
+        raise ValueError(f"adapter_name must be a non-empty string that can be a folder name (save_pretrained "
+                         f"makes it one), got {name!r}")
+    bad = [c for c in name if c in "/\\" or unicodedata.category(c) in ("Cc", "Cs")]   # \0, \n, ..., lone surrogates
+    if bad:
+        raise ValueError(f"adapter_name {name!r} holds {bad[0]!r}, which a folder name cannot (save_pretrained "
+                         f"makes the name a folder name); use letters, digits, '-' or '_'")
+    if name.lower() in (CONFIG_NAME, NPZ_NAME, SAFETENSORS_NAME):
+        raise ValueError(f"adapter_name {name!r} is the name of a file save_pretrained writes beside it; pick "
+                         f"another name")
+    if len(name.encode("utf-8")) > 255:
+        raise ValueError(f"adapter_name is {len(name.encode('utf-8'))} bytes long, but a folder name can have at "
+                         f"most 255; pick a shorter name")
+
+
 class PeftModel:
     """A base GPT with named adapters. Create it with get_peft_model or PeftModel.from_pretrained."""
 
     def __init__(self, model, peft_config, adapter_name="default", tokenizer=None, seed=0):
+        check_base_model(model)
         self.base_model = model
         self.peft_config = {}                 # adapter name -> config
         self.adapters = {}                    # adapter name -> {key: array}
@@ -42,7 +73,10 @@ class PeftModel:
         self._merged = set()                  # adapters currently folded into the base weights
         self._premerge = {}                   # their base weights from before the merge, for unmerge
         self._cache = None
-        self._rng = np.random.default_rng(seed)   # initialisation, then LoRA dropout masks
+        try:
+            self._rng = np.random.default_rng(seed)   # initialisation, then LoRA dropout masks
+        except (TypeError, ValueError):
+            raise ValueError(f"seed must be an integer >= 0 (or None), got {seed!r}") from None
         self._tokenizer = tokenizer
         self._base_trainable = set(model.trainable)
         self.fingerprint = base_fingerprint(model)
@@ -54,9 +88,7 @@ class PeftModel:
     def add_adapter(self, adapter_name, peft_config):
         """Create a new adapter with freshly initialised parameters (it does not become active)."""
         method = method_of(peft_config)
-        if not isinstance(adapter_name, str) or adapter_name in ("", ".", "..") or set(adapter_name) & set("/\\"):
-            raise ValueError(f"adapter_name must be a non-empty string without '/' or '\\' (save_pretrained makes "
-                             f"it a folder name), got {adapter_name!r}")
+        check_adapter_name(adapter_name)
         if adapter_name in self.adapters:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another name")
         mc = self.base_model.config
@@ -233,8 +265,8 @@ class PeftModel:
         if missing:
             raise ValueError(f"state dict lacks the adapter keys {missing[:5]}; was it saved with another "
                              f"method or config ({self.active_peft_config})?")
-        loaded = {k: check_weights(k, state[k], adapter[k].shape, f"the method's config differs ({self.active_peft_config})")
-                  for k in adapter}
+        hint = f"the method's config differs ({self.active_peft_config})"
+        loaded = {k: check_weights(k, state[k], adapter[k].shape, hint, adapter[k].dtype) for k in adapter}
         self.base_model.load_state_dict({k: v for k, v in state.items() if k not in adapter})   # checks, then copies
         for k, v in loaded.items():
             adapter[k][...] = v
@@ -282,26 +314,50 @@ class PeftModel:
     def from_pretrained(cls, model, model_id, adapter_name="default", is_trainable=False, tokenizer=None):
         """Load an adapter saved by save_pretrained (or by PEFT) onto `model`, the base it was trained on. As
         in PEFT, it is loaded for inference (nothing trains) unless is_trainable=True."""
+        check_base_model(model)
+        check_adapter_name(adapter_name)                 # before any file is read
         config, arrays = read_adapter(model, model_id, is_trainable)
+        trainable = set(model.trainable)
         pm = cls(model, config, adapter_name, tokenizer)
-        pm._install(adapter_name, arrays)
+        try:
+            pm._install(adapter_name, arrays, where=os.fspath(model_id))
+        except BaseException:                            # the caller's model as it was: nothing was written
+            model.trainable = trainable
+            raise
+        if not is_trainable:                             # for inference, as PEFT does: no dropout
+            pm.eval()
         return pm
 
     def load_adapter(self, model_id, adapter_name, is_trainable=False):
-        """Load another saved adapter onto the same base, under a new name (then set_adapter to use it)."""
+        """Load another saved adapter onto the same base, under a new name (then set_adapter to use it).
+
+        An adapter that carries base weights is refused unless they equal the base's: a full fine-tuning, and
+        a LoRA saved with bias='all' or 'lora_only', whose biases would overwrite the ones the other adapters
+        (and the base itself, with the adapters disabled) share. Refused rather than kept per adapter, because
+        the biases are the base's own arrays, as in PEFT, where bias='all' trains them for every adapter at
+        once: keeping one copy per adapter would mean swapping base arrays on every set_adapter, merge and
+        disable_adapter. Load such an adapter on a base of its own, with PeftModel.from_pretrained."""
+        check_adapter_name(adapter_name)                 # before any file is read
+        if adapter_name in self.adapters:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another name")
         config, arrays = read_adapter(self.base_model, model_id, is_trainable, self.fingerprint)
         if method_of(config).trains_base:
             raise ValueError(f"{model_id!r} holds a full fine-tuning, a whole copy of the model, which would overwrite "
                              f"the base the other adapters share; load it with PeftModel.from_pretrained(fresh_base, path)")
         self.add_adapter(adapter_name, config)
         try:
-            self._install(adapter_name, arrays)
+            self._install(adapter_name, arrays, shared_base=True, where=os.fspath(model_id))
         except BaseException:                  # leave no half-loaded adapter behind
             self.delete_adapter(adapter_name)
             raise
+        if not is_trainable:                   # for inference, as PEFT does: no dropout
+            self.eval()
 
-    def _install(self, adapter_name, arrays):
-        """Put loaded arrays in place of the freshly initialised ones, after checking they fit."""
+    def _install(self, adapter_name, arrays, shared_base=False, where="the adapter file"):
+        """Put loaded arrays in place of the freshly initialised ones. Every array is checked first (its key,
+        shape, dtype kind, and its values as the model's dtype), so nothing is written, to the adapter or to
+        the base, unless all of them fit: a NaN in a saved bias never reaches the base. shared_base: other
+        adapters use this base, so base weights in the file must equal the base's (load_adapter says why)."""
         cfg, base = self.peft_config[adapter_name], self.base_model.params
         method = method_of(cfg)
         expected = method.expected_arrays(cfg, self.adapters[adapter_name], self.base_model)
@@ -312,14 +368,28 @@ class PeftModel:
             if arrays[k].shape != shape:
                 raise CheckpointError(f"{k} has shape {arrays[k].shape} in the adapter file but its config needs "
                                       f"{shape}; the file and its adapter_config.json do not belong together")
-        base_arrays = {k: arrays[k] for k in arrays if k in base}
-        if base_arrays:           # base weights it trained: a full fine-tuning, or LoRA's biases
+        try:
+            checked = {k: check_weights(k, arrays[k], shape, "", self.base_model.dtype, where="the adapter file")
+                       for k, shape in expected.items()}
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        base_arrays = {k: a for k, a in checked.items() if k in base}   # base weights it trained: LoRA's biases, ...
+        if shared_base:
+            changed = sorted(k for k, a in base_arrays.items() if not np.array_equal(a, base[k]))
+            if changed:
+                raise ValueError(f"{where!r} holds base weights its adapter trained ({', '.join(changed[:3])}"
+                                 f"{', ...' if len(changed) > 3 else ''}; e.g. LoraConfig(bias='all')): loaded as a "
+                                 f"second adapter, they would overwrite the base the other adapters share. Load it on "
+                                 f"a base of its own: PeftModel.from_pretrained(fresh_base, {where!r})")
+        own = method.loaded_params(cfg, {k: a for k, a in checked.items() if k not in base},
+                                   self.adapters[adapter_name], self.base_model)     # new arrays: nothing written yet
+        if base_arrays:
             self.base_model.load_state_dict({**base, **base_arrays})
-        own = {k: a for k, a in arrays.items() if k not in base}
-        self.adapters[adapter_name] = method.loaded_params(cfg, own, self.adapters[adapter_name], self.base_model)
+        self.adapters[adapter_name] = own
 
 
 def get_peft_model(model, peft_config, adapter_name="default", tokenizer=None, seed=0):
     """Wrap a GPT for fine-tuning with the method peft_config describes. The base weights are frozen
     (except for full fine-tuning); only the method's parameters train."""
+    check_base_model(model)
     return PeftModel(model, peft_config, adapter_name, tokenizer=tokenizer, seed=seed)

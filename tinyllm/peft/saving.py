@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from ..checkpoint import CheckpointError, atomic_open, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, atomic_open, load_checkpoint, parse_json, read_json_object, save_checkpoint
 from ..safetensors import load_file, save_file
 from .config import PeftConfig
 from .method import METHODS, Method, PeftFormatError, method_of
@@ -55,20 +55,21 @@ def write_adapter(folder, config, params, model, fingerprint, format=None):
     arrays = method.saved_arrays(config, params, model)
     ours = {**config.to_dict(), "inference_mode": False, "base_fingerprint": fingerprint,
             "base_config": model.config.to_dict()}
-    os.makedirs(folder, exist_ok=True)
-    written = None
+    peft_form = None
     if format != "tinyllm":
         try:
-            fields, peft_arrays = method.to_peft(config, arrays, model)
+            peft_form = method.to_peft(config, arrays, model)
         except PeftFormatError:
-            if format == "peft":
+            if format == "peft":                # refused before anything is written
                 raise
-        else:
-            save_file(peft_arrays, os.path.join(folder, SAFETENSORS_NAME),
-                      metadata={"format": "pt", "tinyllm": json.dumps(ours)})
-            write_json(os.path.join(folder, CONFIG_NAME), fields)
-            written = "peft"
-    if written is None:
+    os.makedirs(folder, exist_ok=True)
+    if peft_form is not None:
+        fields, peft_arrays = peft_form
+        save_file(peft_arrays, os.path.join(folder, SAFETENSORS_NAME),
+                  metadata={"format": "pt", "tinyllm": json.dumps(ours)})
+        write_json(os.path.join(folder, CONFIG_NAME), fields)
+        written = "peft"
+    else:
         meta = {**ours, "format": "tinyllm-adapter-1"}
         save_checkpoint(os.path.join(folder, NPZ_NAME), arrays, {"adapter": meta})
         write_json(os.path.join(folder, CONFIG_NAME), meta)
@@ -80,22 +81,34 @@ def write_adapter(folder, config, params, model, fingerprint, format=None):
 
 
 def read_json(path):
+    return read_json_object(path, "adapter config")
+
+
+def our_facts(weights_path, metadata):
+    """tinyllm's own facts from a PEFT-format file's __metadata__ (None when PEFT wrote it), checked to be
+    a JSON object with the fields save_pretrained writes."""
+    if "tinyllm" not in metadata:
+        return None
     try:
-        with open(path, encoding="utf-8") as f:
-            fields = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable adapter config ({e})") from None
-    if not isinstance(fields, dict):
-        raise CheckpointError(f"{path} holds {type(fields).__name__}, not a JSON object")
-    return fields
+        info = parse_json(metadata["tinyllm"])
+    except ValueError as e:
+        raise CheckpointError(f"{weights_path}: the 'tinyllm' entry of its __metadata__ is not JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{weights_path}: the 'tinyllm' entry of its __metadata__ holds {type(info).__name__}, "
+                              f"not a JSON object")
+    return info
 
 
 def check_base(folder, info, model, fingerprint):
     """Refuse an adapter trained on another base (its config, then its weights' fingerprint)."""
+    missing = [k for k in ("peft_type", "base_config", "base_fingerprint") if k not in info]
+    if missing:
+        raise CheckpointError(f"adapter in {folder!r} lacks the field(s) {missing} that save_pretrained writes; the "
+                              f"files were not written by tinyllm, or were edited")
     if info.get("base_config") != model.config.to_dict():
         raise CheckpointError(f"adapter in {folder!r} was trained on a base with config {info.get('base_config')}, "
                               f"but this model has {model.config.to_dict()}; load it onto the base it was trained on")
-    config = PeftConfig.from_dict({k: v for k, v in info.items()
+    config = PeftConfig.from_dict({k: v for k, v in info.items()     # unknown fields are refused by name
                                    if k not in ("base_fingerprint", "base_config", "format")})
     if not method_of(config).trains_base and info.get("base_fingerprint") != fingerprint:
         raise CheckpointError(f"adapter in {folder!r} was trained on different base weights (fingerprint "
@@ -122,7 +135,9 @@ def read_adapter(model, folder, is_trainable, fingerprint=None):
             config, arrays = read_peft_folder(folder, fields, model, fingerprint)
         else:
             config, arrays = read_tinyllm_folder(folder, fields, model, fingerprint)
-    except (PeftFormatError, KeyError, TypeError) as e:
+    except KeyError as e:
+        raise CheckpointError(f"{cfg_path} lacks the field {e.args[0]!r}, which this kind of adapter needs") from None
+    except (PeftFormatError, TypeError) as e:
         raise CheckpointError(f"{cfg_path} is not a valid adapter config ({e})") from None
     except CheckpointError:
         raise
@@ -140,9 +155,9 @@ def read_peft_folder(folder, fields, model, fingerprint):
     if method is None or fields["peft_type"] not in readable:
         raise PeftFormatError(f"peft_type {fields.get('peft_type')!r}: tinyllm reads PEFT's {', '.join(readable)} adapters")
     read_config, arrays = method.from_peft(fields, peft_arrays, model, where=os.path.join(folder, CONFIG_NAME))
-    if "tinyllm" not in metadata:                       # written by PEFT itself: no fingerprint to check
+    info = our_facts(weights_path, metadata)
+    if info is None:                                    # written by PEFT itself: no fingerprint to check
         return read_config, arrays
-    info = json.loads(metadata["tinyllm"])
     config = check_base(folder, info, model, fingerprint)
     expected, _ = method.to_peft(config, arrays, model)
     changed = sorted(k for k in set(expected) | set(fields) if expected.get(k) != fields.get(k))
@@ -155,6 +170,9 @@ def read_peft_folder(folder, fields, model, fingerprint):
 
 def read_tinyllm_folder(folder, fields, model, fingerprint):
     weights_path = os.path.join(folder, NPZ_NAME)
+    if fields.get("format") != "tinyllm-adapter-1":
+        raise CheckpointError(f"{os.path.join(folder, CONFIG_NAME)} has format {fields.get('format')!r:.60}, not "
+                              f"'tinyllm-adapter-1' (an {NPZ_NAME} adapter's config says so); was it edited?")
     config = check_base(folder, fields, model, fingerprint)
     arrays, weights_meta = load_checkpoint(weights_path)
     if "adapter" in weights_meta and weights_meta["adapter"] != fields:   # save_pretrained writes both the same
