@@ -71,7 +71,7 @@ def show_files(out_dir):
       loss_<task>.png   each method's validation loss against steps and against seconds of training
       accuracy.png      test accuracy (whiskers: the seeds' spread), the base model and its best few-shot prompt
       forgetting.png    what the model still knows from pretraining with each method switched on
-      sequential.png    task after task: full fine-tuning overwrites the first task, adapters do not
+      sequential_<task>.png  task after task: full fine-tuning overwrites the first task, adapters do not
       step_time.png     a training step of each method, timed in turns
       memory.png        AdamW's state while training and the file each method saves"""
     for name in sorted(os.listdir(out_dir)):

@@ -31,7 +31,7 @@ def test_quick_run_writes_every_file(quick_run):
     out, _ = quick_run
     names = set(os.listdir(out))
     assert {"results.json", "report.md", "loss_extract.png", "params.png", "accuracy.png", "forgetting.png",
-            "step_time.png", "memory.png", "sequential.png"} <= names
+            "step_time.png", "memory.png", "sequential_extract.png"} <= names
     for name in names:
         if name.endswith(".png"):
             with open(out / name, "rb") as f:

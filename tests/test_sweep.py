@@ -49,10 +49,26 @@ def test_a_tiny_sweep_end_to_end_and_compare_reads_it(tmp_path):
     assert [b["steps"] for b in r["budgets"]] == [2, 4]
     assert set(r["budgets"][0]["scores"]) >= {f"{lr:g}" for lr in PRESETS["lora"].lrs}    # the whole grid first
     assert len(r["budgets"][1]["scores"]) <= 3 + 2                                       # then neighbours (+ edges)
-    assert r["chosen"]["lr"] in [float(k) for k in r["budgets"][r["chosen"]["steps"] == 4]["scores"]]
+    chosen_budget = next(b for b in r["budgets"] if b["steps"] == r["chosen"]["steps"])
+    assert r["chosen"]["lr"] in [float(k) for k in chosen_budget["scores"]]
     folder = tmp_path / "extract"
     folder.mkdir()
     (folder / "lora.json").write_text(json.dumps({**r, "task": "extract"}))
     found = tuned("extract", str(folder))
     assert found["lora"]["lr"] == r["chosen"]["lr"] and found["lora"]["steps"] == r["chosen"]["steps"]
     assert found["full"]["source"] == "fallback" and found["full"]["steps"] is None
+
+
+def test_variants_choose_the_lr_on_one_seed_and_compare_fresh_seeds_on_test(tmp_path):
+    tok = default_tokenizer()
+    base = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=1, n_head=2, n_embd=16))
+    task = get_task("extract", World(0, 24))
+    lrs_steps = {"prefix": {"lr": 0.1, "steps": 2}}
+    out = sweep.sweep_variants(base, tok, task, "prefix_init", lrs_steps, echo=lambda line: None, seeds=(1000, 1001))
+    assert set(out["settings"]) == {"random", "text"} and out["steps"] == 2
+    for label, s in out["settings"].items():
+        assert [r["seed"] for r in s["selection"]] == [sweep.SELECT_SEED] * 3          # lr and a rung either side
+        assert s["lr"] == min(s["selection"], key=lambda r: r["val_loss"])["lr"]
+        assert [r["seed"] for r in s["runs"]] == [1000, 1001] and all(r["lr"] == s["lr"] for r in s["runs"])
+        assert len(s["test_losses"]) == 2 and all(len(x) == len(task.test) for x in s["test_losses"])
+        assert s["main"] == (label == "random")

@@ -40,7 +40,7 @@ VERDICTS = (SUPPORTED, NOT_SUPPORTED, MIXED, INCONCLUSIVE, NOT_MEASURED, FACT, S
 LOSS_MARGIN = 0.05      # a loss "kept": within 5% of the base's, the whole interval
 POINTS_MARGIN = 0.05    # an accuracy or recall "kept": within 5 points, the whole interval
 SUITED_MARGIN = 0.10    # "suited": within 10 points of the best alternative
-TUNE_MARGIN = 0.05      # "needs tuning": the worst setting's val loss is clearly more than 5% above the best's;
+TUNE_MARGIN = 0.05      # "needs tuning": the worst setting's test loss is clearly more than 5% above the best's;
                         # "does not": less than 5% above it, the whole interval
 
 # ----------------------------------------------------------------------------------------------------
@@ -99,26 +99,35 @@ def mean(x):
     return float(np.mean(x))
 
 
-def diff(a, b, scale=1.0):
+def diff(a, b, scale=1.0, same_seeds=False):
     """mean(a) - mean(b), divided by scale (a relative difference when scale is b's mean), with its noise.
 
-    a, b: see runs(). Two sources of chance add up: the items (paired when both have the same n items,
-    e.g. the same test examples: the spread of the per-item differences / n; otherwise each side's item
-    spread), and each seeded side's spread over its k runs / k. A seeded side with one run has no
-    measured spread: the difference's noise is then unknown (infinite)."""
+    a, b: see runs(). Two sources of chance add up:
+      seeds  each seeded side's spread of its k per-seed means / k. A per-seed mean already holds that
+             seed's noise over the items, so this term counts it.
+      items  which items were drawn (which test examples, facts, windows). Paired when both sides have the
+             same n items: the spread of the per-item differences / n, less the part of it the seeds'
+             noise explains (counted above; without this the same noise would count twice); otherwise
+             each side's spread over its items / n.
+    same_seeds: a and b are the same k trainings measured twice (before and after a second task): the
+    difference is taken seed by seed, and only its spread counts.
+    A seeded side with one run has no measured spread: the difference's noise is then unknown (infinite)."""
     (A, seeded_a), (B, seeded_b) = runs(a), runs(b)
+    if same_seeds:
+        return diff(A - B, np.zeros(A.shape[1]), scale)
     value = (A.mean() - B.mean()) / scale
     terms = []                                     # (variance, degrees of freedom)
-    if A.shape[1] == B.shape[1] > 1:               # paired: the same items on both sides
-        d = A.mean(axis=0) - B.mean(axis=0)
-        terms.append((d.var(ddof=1) / len(d), len(d) - 1))
-    else:
-        terms += [(X.mean(axis=0).var(ddof=1) / X.shape[1], X.shape[1] - 1) for X in (A, B) if X.shape[1] > 1]
     for X, seeded in ((A, seeded_a), (B, seeded_b)):
         if seeded:
             if len(X) < 2:
                 return Diff(value, math.inf, 0)
             terms.append((X.mean(axis=1).var(ddof=1) / len(X), len(X) - 1))
+    if A.shape[1] == B.shape[1] > 1:               # paired: the same items on both sides
+        d = A.mean(axis=0) - B.mean(axis=0)
+        seed_part = sum(X.var(axis=0, ddof=1).mean() / len(X) for X, seeded in ((A, seeded_a), (B, seeded_b)) if seeded)
+        terms.append((max(0.0, d.var(ddof=1) - seed_part) / len(d), len(d) - 1))
+    else:
+        terms += [(X.mean(axis=0).var(ddof=1) / X.shape[1], X.shape[1] - 1) for X in (A, B) if X.shape[1] > 1]
     var = sum(v for v, _ in terms)
     if var == 0:
         return Diff(value, 0.0, math.inf)
@@ -128,16 +137,17 @@ def diff(a, b, scale=1.0):
 
 def combine(signs):
     """Per-case outcomes (+1 the claim holds, -1 it does not, 0 within the noise) -> one verdict: every case
-    holds: supported; one fails and none holds: not supported; some hold: mixed; all within the noise:
-    inconclusive."""
+    holds: supported; every case fails: not supported; some hold and some fail: mixed; else (a case
+    within the noise, and the others all one way): inconclusive, since more seeds could tip it either way,
+    and two runs' verdicts that are not inconclusive must agree."""
     signs = list(signs)
     if not signs:
         return NOT_MEASURED
     if all(s > 0 for s in signs):
         return SUPPORTED
-    if any(s > 0 for s in signs):
-        return MIXED
-    return NOT_SUPPORTED if any(s < 0 for s in signs) else INCONCLUSIVE
+    if all(s < 0 for s in signs):
+        return NOT_SUPPORTED
+    return MIXED if 1 in signs and -1 in signs else INCONCLUSIVE
 
 
 def peft(f):
@@ -206,19 +216,18 @@ def claim_shorter_inputs(F):
 
 def claim_complex_instructions(F):
     """On each generation task, the best method's test accuracy is clearly above the base model's and its
-    best few-shot prompt's, and at least 0.5. Clearly above but below 0.5: mixed."""
-    parts, signs, low = [], [], False
+    best few-shot prompt's, and clearly above 0.5 (supported); clearly above them but clearly below 0.5:
+    mixed (it learned something, not the task); not clearly above them: not supported."""
+    parts, signs = [], []
     for t, f in generation_tasks(F).items():
         m = best_method(f)
         acc = f["methods"][m]["accuracy"]
         shot = max((r["correct"] for r in f["few_shot"] if r["fits"]), key=mean, default=f["base"]["accuracy"])
-        d = diff(acc, max(shot, f["base"]["accuracy"], key=mean))
-        parts.append(f"{t}: best {m} {mean(acc):.2f} vs base {mean(f['base']['accuracy']):.2f}, best few-shot "
-                     f"{mean(shot):.2f} (difference {d})")
-        signs.append(d.sign)
-        low = low or mean(acc) < 0.5
-    verdict = combine(signs)
-    return ("; ".join(parts) or "needs a generation task"), MIXED if verdict == SUPPORTED and low else verdict
+        d, half = diff(acc, max(shot, f["base"]["accuracy"], key=mean)), diff(acc, [0.5])
+        parts.append(f"{t}: best {m} {mean(acc):.2f} (- 0.5: {half}) vs base {mean(f['base']['accuracy']):.2f}, "
+                     f"best few-shot {mean(shot):.2f} (difference {d})")
+        signs += [d.sign] if d.sign <= 0 else [1, -1] if half.sign < 0 else [half.sign]
+    return ("; ".join(parts) or "needs a generation task"), combine(signs)
 
 
 def claim_structure(F):
@@ -263,9 +272,10 @@ def claim_full_expensive(F):
 
 
 def claim_full_forgets(F):
-    """With full fine-tuning's weights, the loss on held-out pretraining text rises clearly, or the recall of
-    the world's facts falls clearly, against the base model (either: supported); both stay within their
-    margin, the whole interval: not supported."""
+    """With full fine-tuning's weights, the loss on held-out pretraining text rises by more than LOSS_MARGIN, or
+    the recall of the world's facts falls by more than POINTS_MARGIN, the whole interval, against the base
+    model (either: supported); both stay within their margin, the whole interval: not supported. (The same
+    margins as "PEFT preserves knowledge", so that one change cannot count as kept there and lost here.)"""
     parts, signs = [], []
     for t, f in F.items():
         full, base = f["methods"]["full"], f["base"]
@@ -274,7 +284,7 @@ def claim_full_forgets(F):
         parts.append(f"{t}: corpus loss {mean(base['corpus_loss']):.3f} -> {mean(full['corpus_loss']):.3f} "
                      f"(relative {loss}), fact recall {mean(base['fact_recall']):.2f} -> {mean(full['fact_recall']):.2f} "
                      f"({recall})")
-        signs.append(1 if loss.sign > 0 or recall.sign < 0 else
+        signs.append(1 if loss.lo > LOSS_MARGIN or recall.hi < -POINTS_MARGIN else
                      -1 if loss.hi <= LOSS_MARGIN and recall.lo >= -POINTS_MARGIN else 0)
     return "; ".join(parts), combine(signs)
 
@@ -303,16 +313,17 @@ def claim_peft_compute(F):
 
 
 def claim_base_untouched(F):
-    """Fact: a PEFT method adds parameters and trains only those; with it switched off the model is the base
-    model, bit for bit (checked: the largest logit difference for every method and seed)."""
+    """With the method switched off, every PEFT run gives the base model's logits bit for bit (supported);
+    any difference at all: not supported. (finetune also refuses a run that moved a frozen weight.)"""
     worst = max(m["disabled_max_diff"] for f in F.values() for k, m in f["methods"].items() if k != "full")
-    return f"largest |logits with the method off - base logits| over every PEFT run: {worst:g}", FACT
+    return (f"largest |logits with the method off - base logits| over every PEFT run: {worst:g}",
+            SUPPORTED if worst == 0 else NOT_SUPPORTED)
 
 
 def claim_peft_keeps_facts(F):
     """With the method switched on, each PEFT method recalls the world's facts (cloze prompts in the
-    pretraining text's own words) within 5 points of the base model, the whole interval (supported), or
-    clearly below it (not supported)."""
+    pretraining text's own words) within POINTS_MARGIN of the base model, the whole interval (supported), or
+    more than POINTS_MARGIN below it, the whole interval (not supported)."""
     parts, signs = [], []
     for t, f in F.items():
         base = f["base"]
@@ -324,8 +335,9 @@ def claim_peft_keeps_facts(F):
 
 
 def claim_peft_keeps_language(F):
-    """With the method switched on, each PEFT method's loss on held-out pretraining text stays within 5% of
-    the base model's, the whole interval (supported), or rises clearly (not supported)."""
+    """With the method switched on, each PEFT method's loss on held-out pretraining text stays within
+    LOSS_MARGIN of the base model's, the whole interval (supported), or rises by more than LOSS_MARGIN, the
+    whole interval (not supported)."""
     parts, signs = [], []
     for t, f in F.items():
         base = f["base"]["corpus_loss"]
@@ -358,7 +370,7 @@ def claim_one_adapter_per_task(F):
         s = f.get("sequential")
         if not s:
             continue
-        d = diff(s["full"]["a_after_b"], s["full"]["a"])
+        d = diff(s["full"]["a_after_b"], s["full"]["a"], same_seeds=True)
         parts.append(f"{t} then {s['task_b']}: full {t} accuracy {mean(s['full']['a']):.2f} -> "
                      f"{mean(s['full']['a_after_b']):.2f} ({d}); {s['peft']} adapters: {t} "
                      f"{mean(s['adapter']['a']):.2f} and {s['task_b']} {mean(s['adapter']['b']):.2f} on one base "
@@ -368,13 +380,18 @@ def claim_one_adapter_per_task(F):
 
 
 def seconds_to(f, m, target):
-    """Per seed: training seconds until the val loss first reaches target (step x seconds per step, the one
-    step time of the timing in turns); inf when it never does."""
+    """Per seed: training seconds until the val loss first reaches target (the step where the curve crosses
+    it, linear between two evaluations, x seconds per step, the one step time of the timing in turns); inf
+    when it never does."""
     steps = f["methods"][m]["val_steps"]
     out = []
     for curve in f["methods"][m]["val_curves"]:
-        s = next((s for s, v in zip(steps, curve) if v <= target), None)
-        out.append(math.inf if s is None else s * f["methods"][m]["seconds_per_step"])
+        i = next((i for i, v in enumerate(curve) if v <= target), None)
+        if i is None:
+            out.append(math.inf)
+            continue
+        s = steps[i] if i == 0 else steps[i - 1] + (steps[i] - steps[i - 1]) * (curve[i - 1] - target) / (curve[i - 1] - curve[i])
+        out.append(s * f["methods"][m]["seconds_per_step"])
     return out
 
 
@@ -416,11 +433,11 @@ def claim_lora_beyond_generation(F):
 
 
 def variant_spread(group):
-    """The best and the worst setting of a variant group, and their relative difference in val loss."""
-    means = {k: mean(v["val_losses"]) for k, v in group.items()}
+    """The best and the worst setting of a variant group, and their relative difference in test loss (each
+    setting's seeds x test examples, paired example by example)."""
+    means = {k: mean(v["test_losses"]) for k, v in group.items()}
     best, worst = min(means, key=means.get), max(means, key=means.get)
-    column = lambda k: [[x] for x in group[k]["val_losses"]]                # (seeds, 1)
-    return best, worst, diff(column(worst), column(best), scale=means[best])
+    return best, worst, diff(group[worst]["test_losses"], group[best]["test_losses"], scale=means[best])
 
 
 def needs_tuning(group):
@@ -431,7 +448,7 @@ def needs_tuning(group):
 
 
 def show_group(name, group):
-    return f"{name}: " + ", ".join(f"{k} {mean(v['val_losses']):.3f} ({v['trainable_params']:,} params)"
+    return f"{name}: " + ", ".join(f"{k} {mean(v['test_losses']):.3f} ({v['trainable_params']:,} params)"
                                    for k, v in group.items()) + f" (worst/best - 1: {variant_spread(group)[2]})"
 
 
@@ -445,31 +462,32 @@ def first_variants(F, groups):
 
 def claim_lora_placement(F):
     """Where LoRA goes changes the result: the best and the worst placement tried (all of c_attn, its q and v
-    slices, the MLP; each at its own tuned lr, from the sweep) differ clearly in val loss. The choice
-    itself is a fact of the API: target_modules takes any linear layer."""
+    slices, the MLP; each at its own tuned lr, from the sweep) differ in test loss by more than TUNE_MARGIN,
+    the whole interval (supported), or by less, the whole interval (not supported). The choice itself is a
+    fact of the API: target_modules takes any linear layer."""
     t, found = first_variants(F, ["lora_place"])
     if not found:
         return "needs the sweep's variant runs (python -m tinyllm sweep)", NOT_MEASURED
-    return f"{t} (sweep), {show_group('val loss', found['lora_place'])}", combine([needs_tuning(found["lora_place"])])
+    return f"{t} (sweep), {show_group('test loss', found['lora_place'])}", combine([needs_tuning(found["lora_place"])])
 
 
 def duel(f, a, b):
-    """+1 if a does clearly better than b on a task: higher test accuracy beyond the noise, or, when the
-    accuracies are within it, a lower val loss beyond the seeds' noise; -1 the other way; 0 a tie."""
+    """+1 if a does clearly better than b on a task's test examples, in accuracy or in loss, and clearly
+    worse in neither; -1 the other way round; 0 else (both within the noise, or one each way)."""
     ma, mb = f["methods"][a], f["methods"][b]
-    d = diff(ma["accuracy"], mb["accuracy"]).sign
-    return d if d else -diff(ma["val_loss"], mb["val_loss"]).sign
+    signs = (diff(ma["accuracy"], mb["accuracy"]).sign, -diff(ma["test_loss"], mb["test_loss"]).sign)
+    return 1 if max(signs) > 0 and min(signs) >= 0 else -1 if min(signs) < 0 and max(signs) <= 0 else 0
 
 
 def claim_lora_better(F):
-    """LoRA does clearly better than each other PEFT method, per task: a higher test accuracy beyond the
-    noise, or, with accuracies within it, a lower val loss beyond the seeds' noise."""
+    """LoRA does clearly better than each other PEFT method, per task: on the test examples, a higher accuracy
+    or a lower loss beyond the noise, and clearly worse in neither."""
     parts, signs = [], []
     for t, f in F.items():
         others = [m for m in peft(f) if m != "lora"]
         outcome = {m: duel(f, "lora", m) for m in others}
         signs += outcome.values()
-        show = lambda m: f"{m} acc {mean(f['methods'][m]['accuracy']):.2f} val {mean(f['methods'][m]['val_loss']):.3f}"
+        show = lambda m: f"{m} acc {mean(f['methods'][m]['accuracy']):.2f} loss {mean(f['methods'][m]['test_loss']):.3f}"
         word = {1: "LoRA better", -1: "LoRA worse", 0: "tie"}
         parts.append(f"{t}: {show('lora')} vs " + ", ".join(f"{show(m)} ({word[o]})" for m, o in outcome.items()))
     return "; ".join(parts), combine(signs)
@@ -484,13 +502,13 @@ def claim_lora_more_params(F):
 
 
 def claim_lora_rank(F):
-    """LoRA's rank matters: the best and the worst of r = 2, 8, 32 (lora_alpha = 2r, each at its own tuned
-    lr, from the sweep) differ clearly in val loss (supported), or by less than 5%, the whole interval
-    (not supported)."""
+    """LoRA's rank matters: the best and the worst of the ranks the sweep tried (lora_alpha = 2r, each at its
+    own tuned lr) differ in test loss by more than TUNE_MARGIN, the whole interval (supported), or by less,
+    the whole interval (not supported)."""
     t, found = first_variants(F, ["lora_rank"])
     if not found:
         return "needs the sweep's variant runs (python -m tinyllm sweep)", NOT_MEASURED
-    return f"{t} (sweep), {show_group('val loss', found['lora_rank'])}", combine([needs_tuning(found["lora_rank"])])
+    return f"{t} (sweep), {show_group('test loss', found['lora_rank'])}", combine([needs_tuning(found["lora_rank"])])
 
 # ----------------------------------------------------------------------------------------------------
 # prefix tuning
@@ -509,8 +527,9 @@ def claim_prefix_efficient(F):
 
 
 def claim_prefix_generation(F):
-    """On each generation task, prefix tuning's test accuracy is within 10 points of the best PEFT method's,
-    the whole interval (supported), or clearly more than 10 points below it (not supported)."""
+    """On each generation task, prefix tuning's test accuracy is within SUITED_MARGIN of the best PEFT
+    method's, the whole interval (supported), or more than SUITED_MARGIN below it, the whole interval (not
+    supported)."""
     parts, signs = [], []
     for t, f in generation_tasks(F).items():
         m = best_method(f, peft(f))
@@ -537,8 +556,9 @@ def claim_prefix_narrower(F):
 
 
 def claim_prefix_tuning(F):
-    """The prefix's length (P = 3, 10, 25) and its initialisation (random, or the keys and values of real
-    text) each matter: their best and worst settings differ clearly in val loss (from the sweep)."""
+    """The prefix's length (the sweep's P) and its initialisation (random, or the keys and values of real
+    text) each matter: their best and worst settings differ in test loss by more than TUNE_MARGIN, the whole
+    interval (from the sweep)."""
     t, found = first_variants(F, ["prefix_length", "prefix_init"])
     if not found:
         return "needs the sweep's variant runs (python -m tinyllm sweep)", NOT_MEASURED
@@ -562,8 +582,8 @@ CLAIMS = [
     ("PEFT preserves knowledge: the language is kept with it on", claim_peft_keeps_language, ("forgetting.png", "09")),
     ("PEFT forgets less than full fine-tuning", claim_peft_forgets_less, ("forgetting.png", "09")),
     ("One adapter per task keeps every task; full fine-tuning overwrites", claim_one_adapter_per_task,
-     ("sequential.png", "06")),
-    ("PEFT trains faster", claim_peft_faster, ("loss.png", "09")),
+     ("sequential_{task}.png", "06")),
+    ("PEFT trains faster", claim_peft_faster, ("loss_{task}.png", "09")),
     ("LoRA applies beyond generation", claim_lora_beyond_generation, ("accuracy.png", "09")),
     ("LoRA gives fine control over where it is injected", claim_lora_placement, ("variants.png", "10")),
     ("LoRA performs better (than the other PEFT methods)", claim_lora_better, ("accuracy.png", "09")),
@@ -576,19 +596,26 @@ CLAIMS = [
 ]
 
 
+MARGIN_WORDS = {"LOSS_MARGIN": f"{LOSS_MARGIN:.0%}", "POINTS_MARGIN": f"{100 * POINTS_MARGIN:.0f} points",
+                "SUITED_MARGIN": f"{100 * SUITED_MARGIN:.0f} points", "TUNE_MARGIN": f"{TUNE_MARGIN:.0%}"}
+
+
 def rule_text(rule):
-    """A rule's docstring on one line."""
-    return " ".join(rule.__doc__.split())
+    """A rule's docstring on one line, with each margin's name followed by its value."""
+    text = " ".join(rule.__doc__.split())
+    for name, words in MARGIN_WORDS.items():
+        text = text.replace(name, f"{name} ({words})")
+    return text
 
 
 def judge_claims(facts, smoke=False):
     """[{claim, measured, verdict, rule, figure, lesson}] for every claim in CLAIMS, from facts (see
     compare.task_facts). smoke: a --quick run; every measured claim gets SMOKE instead of a verdict."""
-    rows = []
+    rows, first = [], next(iter(facts))
     for claim, rule, (figure, lesson) in CLAIMS:
         measured, verdict = rule(facts)
         if smoke and verdict != FACT:
             verdict = SMOKE
         rows.append({"claim": claim, "measured": measured, "verdict": verdict, "rule": rule_text(rule),
-                     "figure": figure, "lesson": lesson})
+                     "figure": figure.format(task=first), "lesson": lesson})
     return rows

@@ -1,5 +1,5 @@
 """
-The comparison behind `python -m tinyllm compare`: five fine-tuning methods on one pretrained model and
+The comparison behind `python -m tinyllm compare`: six fine-tuning methods on one pretrained model and
 one task, each at its own tuned learning rate and step budget, over several seeds, and every claim an
 introduction to fine-tuning makes turned into a number and a verdict that accounts for the noise.
 
@@ -11,7 +11,7 @@ The steps:
   2. each method's learning rate and step budget from the sweep (tinyllm/sweeps/<task>/, made by
      `python -m tinyllm sweep`, which tuned them on validation data)
   3. the base model: its test accuracy, its answers' format, its knowledge; few-shot prompting of it
-  4. fine-tune full, LoRA, prefix, prompt and adapter for every seed (tinyllm.finetune.finetune)
+  4. fine-tune full, LoRA, prefix, prompt, adapter and (IA)^3 for every seed (tinyllm.finetune.finetune)
   5. one training step of every method, timed in turns
   6. task after task: full fine-tuning continued on a second task, and a second LoRA adapter on the base
   7. the claims' verdicts (tinyllm/claims.py); plots and report.md (tinyllm/report.py); results.json
@@ -34,12 +34,14 @@ from .finetune import finetune, knowledge_probe, measure_base, task_batches
 from .optim import AdamW, clip_grad_norm
 from .peft import PeftModel, get_peft_model
 from .peft.peft_model import reserved_positions
+from .peft.saving import base_fingerprint
 from .presets import DEFAULT_TASK, MAIN_METHODS, method_config, sweep_variants, tuned
 from .report import plot_all, results_rows, text_table, write_report
-from .sweep import BATCH_SIZE, N_VAL
+from .sweep import BATCH_SIZE, N_VAL, SELECT_SEED, VARIANT_SEEDS
+from .sweep import SEEDS as SWEEP_SEEDS
 from .tasks import TASKS, evaluate, few_shot_task, format_ok, get_task
 from .pretrain import PRETRAIN_OUT, pretrain
-from .train import default_out, duration
+from .train import default_out, duration, forward_backward
 
 DEFAULT_CHECKPOINT = PRETRAIN_OUT
 DEFAULT_OUT = "runs/compare"
@@ -97,7 +99,7 @@ def interleaved_step_times(base, tokenizer, task, lrs, batch_size, rounds, seed=
     `rounds` rounds, all on the same batches. When other programs load the machine, every method is slowed
     alike, which timing the methods one after the other (as the training runs are) cannot promise.
 
-    A step is what train() does: forward, backward, gradient clipping, AdamW. The first round warms up and
+    A step is what train() does: forward and backward over all cores, gradient clipping, AdamW. The first round warms up and
     is not counted. Returns {method: {median, q1, q3 (seconds), log_ratio_mean, log_ratio_se, n}}: the
     ratio is to full fine-tuning's step in the same round, so a load that comes and goes cancels out.
     """
@@ -113,8 +115,7 @@ def interleaved_step_times(base, tokenizer, task, lrs, batch_size, rounds, seed=
         x, y = get_batch("train", rng)
         for m, (pm, optimizer) in steppers.items():
             start = time.perf_counter()
-            pm.forward(x, y)
-            grads = pm.backward()
+            _, grads = forward_backward(pm, x, y, None)
             clip_grad_norm(grads, 1.0)
             optimizer.step(grads)
             times[m].append(time.perf_counter() - start)
@@ -155,7 +156,7 @@ def budgets(task_name, settings):
     out = tuned(task_name)
     for t in out.values():
         if settings.steps is not None:
-            t.update(steps=settings.steps, source=t["source"] + f" (steps set to {settings.steps})")
+            t.update(steps=settings.steps, flattened=None, source=t["source"] + f" (steps set to {settings.steps})")
         elif t["steps"] is None:
             t["steps"] = settings.fallback_steps
     return out
@@ -270,6 +271,7 @@ def task_facts(t, base, variants):
         per_seed = lambda get: [get(r) for r in rs]
         methods[m] = {
             "accuracy": per_seed(lambda r: r["correct_after"]), "val_loss": per_seed(lambda r: [r["final_val_loss"]]),
+            "test_loss": per_seed(lambda r: r["test_losses"]),
             "format_ok": per_seed(lambda r: r["format_ok"]) if "format_ok" in r0 else None,
             "corpus_loss": per_seed(lambda r: r["knowledge_after"]["window_losses"]),
             "fact_recall": per_seed(lambda r: r["knowledge_after"]["recall_correct"]),
@@ -293,6 +295,25 @@ def task_facts(t, base, variants):
 
 # ----------------------------------------------------------------------------------------------------
 # the command
+
+
+def check_sweep(task_name, base, settings, echo):
+    """Say so when the sweep tuned on another base model than this one (a checkpoint pretrained on another
+    machine differs in rounding, so its best lrs may differ a little), or when this run's seeds are the
+    sweep's: the verdicts should not be judged on the runs that chose the lrs. Returns what was found."""
+    fingerprint = base_fingerprint(base)
+    swept = {x["base_fingerprint"] for x in tuned(task_name).values() if x["source"] != "fallback"}
+    same = swept == {fingerprint} if swept else None
+    if same is False:
+        echo(f"note: the sweep in tinyllm/sweeps/{task_name} tuned on a base with fingerprint "
+             f"{', '.join(sorted(map(str, swept)))}; this base is {fingerprint}. Its lrs and budgets are used as they "
+             f"are; python -m tinyllm sweep tunes them on this base.")
+    overlap = sorted(set(range(settings.first_seed, settings.first_seed + settings.seeds)) &
+                     {*SWEEP_SEEDS, *VARIANT_SEEDS, SELECT_SEED})
+    if overlap and not settings.smoke:
+        echo(f"note: seeds {overlap} are the sweep's own; verdicts from them are judged on the runs that chose the "
+             f"lrs. Pick a --seed below {min(SWEEP_SEEDS + VARIANT_SEEDS + (SELECT_SEED,)) - settings.seeds + 1}.")
+    return {"fingerprint": fingerprint, "same_as_sweep": same, "seeds_shared_with_sweep": overlap}
 
 
 def compare(task=DEFAULT_TASK, seeds=None, seed=0, steps=None, out=DEFAULT_OUT, checkpoint=None, quick=False,
@@ -332,10 +353,11 @@ def compare(task=DEFAULT_TASK, seeds=None, seed=0, steps=None, out=DEFAULT_OUT, 
         if result["history"]["status"] != "completed":
             raise KeyboardInterrupt
     pretrain_seconds = time.perf_counter() - start if made_now else 0.0
-    base, tokenizer, meta = load_pretrained(checkpoint)
+    base, tokenizer, meta = load_pretrained(checkpoint, need_data=True)
     data = meta["data"]
     echo(f"base model: {checkpoint} ({base.num_parameters():,} parameters, pretrained {meta.get('step', '?')} steps)")
     world = World(data["world_seed"], data["n_people"])
+    sweep_base = check_sweep(names[0], base, settings, echo)
     probe = knowledge_probe(data, tokenizer, base.config.block_size, n_windows=settings.probe_windows)
     if settings.n_recall:
         probe["recall"] = probe["recall"][:settings.n_recall]
@@ -346,7 +368,7 @@ def compare(task=DEFAULT_TASK, seeds=None, seed=0, steps=None, out=DEFAULT_OUT, 
     seeds_used = tasks[names[0]]["seeds"]
     results = {
         "command": command, "smoke_test": settings.smoke,
-        "settings": {**dataclasses.asdict(settings), "task": task, "seeds": seeds_used},
+        "settings": {**dataclasses.asdict(settings), "task": task, "seeds": seeds_used, "sweep_base": sweep_base},
         "pretrain": {"checkpoint": checkpoint, "made_now": made_now, "seconds": pretrain_seconds},
         "model": {"config": base.config.to_dict(), "parameters": base.num_parameters()},
         "tasks": tasks, "variants": variants, "claims": judge_claims(facts, smoke=settings.smoke),

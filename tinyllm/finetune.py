@@ -3,7 +3,7 @@ Fine-tune one method on one task, and measure everything the comparison (tinyllm
 
     base, tok, meta = load_pretrained("runs/pretrain/ckpt.npz")
     probe = knowledge_probe(meta["data"], tok, base.config.block_size)
-    task = get_task("record", World(meta["data"]["world_seed"], meta["data"]["n_people"]))
+    task = get_task("extract", World(meta["data"]["world_seed"], meta["data"]["n_people"]))
     r = finetune(base, tok, LoraConfig(r=8, lora_alpha=16), task, steps=100, lr=1e-2, probe=probe)
     r["accuracy_after"], r["seconds_per_step"], r["knowledge_after"]["fact_recall"]
 
@@ -116,6 +116,14 @@ def val_loss_fn(tokenizer, task, block_size, n=VAL_EXAMPLES, batch_size=32, rese
     return eval_fn
 
 
+def example_losses(model, tokenizer, examples, block_size, reserved=0):
+    """Each example's mean loss per answer token (a list, one per example), for comparisons paired example by
+    example. One forward per example: the loss the model returns is already the mean over its answer."""
+    idx, targets = encode_examples(tokenizer, examples, block_size - reserved)
+    one = lambda i: float(model.forward(idx[i:i + 1], targets[i:i + 1])[1])
+    return parallel_map(one, range(len(idx)), cores())
+
+
 def saved_bytes(folder):
     """Bytes of the files save_pretrained wrote into folder: adapter_config.json and the weights."""
     return sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)
@@ -139,13 +147,17 @@ def same_weights(a, b):
 # ----------------------------------------------------------------------------------------------------
 # the fine-tuning run
 
-def flattened_in_run(val_steps, val_losses, rel_tol=0.05, abs_tol=0.01):
-    """Whether a run's val loss had stopped falling: over its last fifth it fell by less than rel_tol of
-    itself (or less than abs_tol nats). Returns (flattened, the drop)."""
+REL_TOL, ABS_TOL = 0.05, 0.02   # "flattened": a loss fell by less than 5% of itself, or by less than 0.02 nats
+                                # (a loss near zero); the sweep's doubling of budgets and a run's last fifth
+
+
+def flattened_in_run(val_steps, val_losses):
+    """Whether a run's val loss had stopped falling: over its last fifth it fell by less than REL_TOL of
+    itself (or less than ABS_TOL nats). Returns (flattened, the drop)."""
     at = max(val_steps) * 0.8
     i = max(j for j, s in enumerate(val_steps) if s <= at)
     drop = val_losses[i] - val_losses[-1]
-    return bool(drop < max(rel_tol * val_losses[i], abs_tol)), float(drop)
+    return bool(drop < max(REL_TOL * val_losses[i], ABS_TOL)), float(drop)
 
 
 def finetune(base_model, tokenizer, method_config, task, steps=100, batch_size=16, lr=1e-3, seed=0,
@@ -178,12 +190,13 @@ def finetune(base_model, tokenizer, method_config, task, steps=100, batch_size=1
       optimizer_state_bytes   AdamW's m and v for the trainable parameters
       saved_bytes, full_copy_bytes   the files save_pretrained writes, and a full copy of the model
       accuracy_before, accuracy_after, predictions_after, correct_after   on task.test
+      test_losses    each test example's loss per answer token (None when evaluate_test is False)
       knowledge_before, knowledge_after   measure_knowledge with the method active (None without probe)
       base_unchanged           the base weights under the method are bit-identical to the pretrained ones
                                (always checked: the weights it does not train; raises AssertionError if not)
       disabled_max_diff        inside disable_adapter(), the largest |logit - the base's logit| (0: exact)
       virtual_tokens           context positions the method takes in front of every input
-      flattened, val_drop      the val loss fell by less than 5% over the run's last fifth (flattened_in_run)
+      flattened, val_drop      the val loss had stopped falling over the run's last fifth (flattened_in_run)
     """
     block_size = base_model.config.block_size
     pretrained = {k: v.copy() for k, v in base_model.params.items()}
@@ -274,6 +287,7 @@ def finetune(base_model, tokenizer, method_config, task, steps=100, batch_size=1
         "saved_bytes": int(saved), "full_copy_bytes": int(full_copy_bytes(base_model)),
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
         "predictions_after": after["predictions"], "correct_after": after["correct"],
+        "test_losses": example_losses(pm, tokenizer, task.test, block_size, reserved) if evaluate_test else None,
         "knowledge_before": before["knowledge"], "knowledge_after": knowledge_after,
         "base_unchanged": bool(base_unchanged), "disabled_max_diff": disabled_max_diff,
         "virtual_tokens": int(reserved), "final_val_loss": history["val_loss"][-1] if history["val_loss"] else None,

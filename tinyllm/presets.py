@@ -78,17 +78,19 @@ def sweep_folder(task_name):
 
 
 def tuned(task_name, folder=None):
-    """{method: {lr, steps, flattened, source}} from the sweep's files for this task (in folder, default
-    tinyllm/sweeps/<task>); methods the sweep has not covered get {lr: fallback_lr, steps: None,
-    flattened: None, source: 'fallback'}."""
+    """{method: {lr, steps, flattened, source, base_fingerprint}} from the sweep's files for this task (in
+    folder, default tinyllm/sweeps/<task>); base_fingerprint: the base model the sweep tuned on. Methods the
+    sweep has not covered get {lr: fallback_lr, steps: None, flattened: None, source: 'fallback'}."""
     out = {}
     for m, preset in PRESETS.items():
         path = os.path.join(folder or sweep_folder(task_name), f"{m}.json")
         if os.path.isfile(path):
             with open(path) as f:
-                chosen = json.load(f)["chosen"]
+                stored = json.load(f)
+            chosen = stored["chosen"]
             out[m] = {"lr": chosen["lr"], "steps": chosen["steps"], "flattened": chosen["flattened"],
-                      "source": os.path.relpath(path, os.path.dirname(os.path.dirname(SWEEPS)))}
+                      "source": os.path.relpath(path, os.path.dirname(os.path.dirname(SWEEPS))),
+                      "base_fingerprint": stored.get("base", {}).get("fingerprint")}
         else:
             out[m] = {"lr": preset.fallback_lr, "steps": None, "flattened": None, "source": "fallback"}
     return out

@@ -11,9 +11,12 @@ import re
 
 import numpy as np
 
+from .checkpoint import atomic_open
 from .claims import FACT, SMOKE, fmt_bytes, t975
+from .finetune import ABS_TOL, REL_TOL
 from .plots import log_loss_axis
 from .presets import PRESETS
+from .sweep import CAP
 
 
 def label(m):
@@ -223,7 +226,7 @@ def plot_variants(results, folder):
     fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 4), squeeze=False)
     for ax, (group, v) in zip(axes[0], variants.items()):
         labels = list(v["settings"])
-        vals = [v["settings"][k]["val_losses"] for k in labels]
+        vals = [np.mean(v["settings"][k]["test_losses"], axis=1) for k in labels]          # one per seed
         mean = np.array([np.mean(x) for x in vals])
         err = np.vstack([mean - [min(x) for x in vals], [max(x) for x in vals] - mean])
         ax.bar(range(len(labels)), mean, yerr=err, capsize=3, color=color(v["method"]), alpha=0.85,
@@ -233,12 +236,12 @@ def plot_variants(results, folder):
                     ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(labels)), [k + ("*" if v["settings"][k]["main"] else "") for k in labels])
         ax.set_ylim(0, mean.max() * 1.45)
-        ax.set_ylabel("final val loss (nats)")
-        ax.set_title(f"{group.replace('_', ' ')} ({v['steps']} steps)", fontsize=10)
+        ax.set_ylabel("test loss per answer token (nats)")
+        ax.set_title(f"{group.replace('_', ' ')} ({v['steps']} step{'' if v['steps'] == 1 else 's'})", fontsize=10)
     return save(fig, folder, "variants.png"), (
-        "Settings of LoRA and prefix tuning, from the stored sweep (python -m tinyllm sweep): each at its own tuned "
-        "lr, its method's budget, three seeds (bars: mean, whiskers: min to max; p = trainable parameters; "
-        "* = the setting of the main comparison).")
+        "Settings of LoRA and prefix tuning, from the stored sweep (python -m tinyllm sweep): each at its own lr "
+        "(chosen on validation), its method's budget, three fresh seeds scored on the test examples (bars: mean, "
+        "whiskers: min to max; p = trainable parameters; * = the setting of the main comparison).")
 
 
 def plot_sequential(t, folder):
@@ -258,7 +261,7 @@ def plot_sequential(t, folder):
     ax.set_ylim(0, 1.1)
     ax.set_ylabel(f"test accuracy on {a}")
     ax.set_title(f"Task after task: does {a} survive training on {b}?")
-    return save(fig, folder, "sequential.png"), (
+    return save(fig, folder, f"sequential_{a}.png"), (
         f"Accuracy on {a} after fine-tuning on it, after full fine-tuning then continues on {b}, and with one LoRA "
         f"adapter per task on one base (switched to the {a} adapter); mean over seeds, whiskers min to max. On {b}: "
         f"full {np.mean(s['full']['b']):.2f}, its LoRA adapter {np.mean(s['adapter']['b']):.2f}.")
@@ -336,6 +339,15 @@ def summary_section(results, captions):
     return ["## The claims, measured", "", md_table(["#", "claim", "verdict", "the numbers behind it", "see"], rows), ""]
 
 
+def budget_note(x):
+    """Why a method ran the steps it did, when it is not the sweep's flattened budget."""
+    if x["source"] == "fallback":
+        return " (not tuned: no sweep)"
+    if "steps set to" in x["source"]:
+        return " (set by --steps)"
+    return "" if x["flattened"] else " (capped)"
+
+
 def how_to_read(results):
     s, p, mc = results["settings"], results["pretrain"], results["model"]["config"]
     first = next(iter(results["tasks"].values()))
@@ -346,10 +358,11 @@ def how_to_read(results):
              f"world. A verdict is about this model and these tasks; claims about scale (a prefix is a tiny share of "
              f"the model) can come out differently at 124M parameters, and the facts say by how much.",
              "- **Budget.** Each method trains at its own learning rate for its own number of steps, both chosen by "
-             "`python -m tinyllm sweep` on validation data: the budget is where doubling it stopped lowering the "
-             "validation loss by 5% or more. " + "; ".join(
-                 f"{label(m)} lr {x['lr']:g}, {x['steps']} steps" + (" (not tuned: no sweep)" if x["source"] == "fallback" else "")
-                 for m, x in first["tuning"].items()) + f". Batch {s['batch_size']}; the loss counts answer tokens only.",
+             f"`python -m tinyllm sweep` on validation data: the budget is the first at which doubling it lowered the "
+             f"best validation loss by less than {REL_TOL:.0%} (or {ABS_TOL} nats), at most {CAP} steps (what this "
+             "run affords; *capped* below means the loss was still falling there). " + "; ".join(
+                 f"{label(m)} lr {x['lr']:g}, {x['steps']} steps" + budget_note(x) for m, x in first["tuning"].items()) +
+             f". Batch {s['batch_size']}; the loss counts answer tokens only.",
              f"- **Noise.** {k} seeds per method ({', '.join(map(str, s['seeds']))}); test accuracy on {first['n_test']} "
              f"examples. A difference is called when it exceeds t x its standard error, which holds the seeds' spread "
              f"and the finite test set (t = {t975(2 * k - 2):.2f} for two methods of {k} seeds each, no test-set "
@@ -374,7 +387,7 @@ def task_section(name, t, block_size):
     lines = [f"### Task `{name}`", "",
              f"{t['n_train']} training examples, {t['n_test']} test examples. test acc: " +
              ("exact match of greedy decoding" if t["kind"] == "generate" else "the label scored higher, as a classifier head") +
-             ". flattened: runs whose val loss fell less than 5% over their last fifth. ms/step: median, timed in "
+             f". flattened: runs whose val loss fell less than {REL_TOL:.0%} (or {ABS_TOL} nats) over their last fifth. ms/step: median, timed in "
              "turns. AdamW state: m and v. saved: the files save_pretrained writes. corpus loss and fact recall: "
              "with the method switched on.", "", md_table(header, rows), "",
              f"Few-shot prompting of the base model (no training), in a context of {block_size} positions:", "",
@@ -415,5 +428,5 @@ def write_report(results, path, figures):
               for i, c in enumerate(results["claims"], 1)] + [""]
     if results["smoke_test"]:
         lines += [f"(Every measured claim reads *{SMOKE}*.)", ""]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    with atomic_open(path) as f:
+        f.write(("\n".join(lines) + "\n").encode())

@@ -14,8 +14,8 @@ stopped while its loss still falls is measured on how fast it starts, not where 
      there; otherwise CAP (500 steps, what the default comparison affords), marked not flattened, with
      what doubling it gained on record
 Then the variants the tuning claims need (tinyllm.presets.VARIANTS: LoRA rank and placement, prefix length
-and initialisation): each at its method's budget, its lr the best of the method's and one rung either side
-(one seed each), then three seeds at that lr.
+and initialisation): each at its method's budget, its lr the best (on validation) of the method's and one
+rung either side, then three fresh seeds at that lr, scored on the test examples.
 
 Every result goes to tinyllm/sweeps/<task>/<method>.json (variants_<group>.json for the variants), which
 the repository keeps and `compare` reads. One method runs in about two to ten minutes on 2 cores, the
@@ -30,7 +30,7 @@ import numpy as np
 
 from .checkpoint import atomic_open, load_pretrained
 from .data import World
-from .finetune import finetune
+from .finetune import ABS_TOL, REL_TOL, example_losses, finetune
 from .peft.saving import base_fingerprint
 from .presets import MAIN_METHODS, PRESETS, VARIANTS, method_config, sweep_folder, tuned, variant_config
 from .tasks import get_task
@@ -42,20 +42,25 @@ CAP = 500                         # the most steps one run of the default compar
                                   # minutes in all); a larger budget is measured only to say what it would gain
 BATCH_SIZE = 8                    # examples per step, in the sweep and in compare
 SEEDS = (1000, 1001)              # seeds of the sweep's runs: apart from compare's (0, 1, 2, ...)
-VARIANT_SEEDS = (1000, 1001, 1002)
+VARIANT_SEEDS = (1000, 1001, 1002)  # the variants' runs that the claims compare
+SELECT_SEED = 999                 # the variants' choice of lr: one run per lr, not among the ones compared
 N_VAL = 100                       # validation examples in the validation loss
-REL_TOL, ABS_TOL = 0.05, 0.02     # "flattened": doubling the budget gains less than 5%, or less than 0.02 nats
 
 
-def train_once(base, tok, task, config, lr, steps, seed, echo):
-    """One run; returns its final val loss and its val curve (5 evaluations)."""
-    r = finetune(base, tok, config, task, steps, BATCH_SIZE, lr, seed, eval_interval=max(1, steps // 5),
-                 out=lambda line: None, evaluate_test=False, log_interval=steps, n_val=N_VAL)
+def train_once(base, tok, task, config, lr, steps, seed, echo, test=False):
+    """One run; returns its final val loss and its val curve (5 evaluations); test: also each test example's
+    loss (test_losses), for the variant claims, judged on examples the choice of lr never saw."""
+    r, pm = finetune(base, tok, config, task, steps, BATCH_SIZE, lr, seed, eval_interval=max(1, steps // 5),
+                     out=lambda line: None, evaluate_test=False, log_interval=steps, n_val=N_VAL, return_model=True)
     h = r["history"]
     echo(f"  steps {steps:>4}  lr {lr:<7g} seed {seed}  val loss {h['val_loss'][-1]:.4f}  "
          f"({r['train_seconds']:.0f}s)")
-    return {"steps": steps, "lr": lr, "seed": seed, "val_loss": h["val_loss"][-1],
-            "val_steps": h["val_step"], "val_losses": h["val_loss"], "seconds": r["train_seconds"], "trainable_params": r["trainable_params"]}
+    out = {"steps": steps, "lr": lr, "seed": seed, "val_loss": h["val_loss"][-1], "val_steps": h["val_step"],
+           "val_losses": h["val_loss"], "seconds": r["train_seconds"], "trainable_params": r["trainable_params"]}
+    if test:
+        pm.eval()
+        out["test_losses"] = example_losses(pm, tok, task.test, base.config.block_size, r["virtual_tokens"])
+    return out
 
 
 LADDER = [float(f"{m}e{e}") for e in range(-5, 1) for m in (1, 3)]   # 1e-5, 3e-5, ..., 1, 3: the lrs tried
@@ -121,11 +126,13 @@ def choose(by_budget):
 
 
 def sweep_variants(base, tok, task, group, lrs_steps, echo=default_out, seeds=VARIANT_SEEDS, done=None):
-    """One VARIANTS group: every setting at its method's budget; its lr the best of the method's and one rung
-    either side (one seed each), then every seed at that lr. done: {method: result} of the method's own
+    """One VARIANTS group: every setting at its method's budget. Its lr: the best val loss of the method's lr
+    and one rung either side, from one run each at SELECT_SEED; then len(seeds) fresh runs at that lr, each
+    with its test examples' losses, which the claims compare (the selection's runs are not among them, so
+    the setting that won the choice of lr gets no edge). done: {method: result} of the method's own
     setting, shared by its groups (it runs once)."""
     method, configs = VARIANTS[group]
-    lr, steps = lrs_steps[method]["lr"], lrs_steps[method]["steps"] or BUDGETS[-1]
+    lr, steps = lrs_steps[method]["lr"], lrs_steps[method]["steps"] or CAP
     out = {"group": group, "method": method, "steps": steps, "settings": {}}
     done = {} if done is None else done
     for label in configs:
@@ -134,13 +141,14 @@ def sweep_variants(base, tok, task, group, lrs_steps, echo=default_out, seeds=VA
             continue
         echo(f"{group} {label}: {steps} steps")
         config = lambda: variant_config(group, label, task)
-        tried = [train_once(base, tok, task, config(), x, steps, seeds[0], echo)
+        tried = [train_once(base, tok, task, config(), x, steps, SELECT_SEED, echo)
                  for x in (step_on_ladder(lr, -1), lr, step_on_ladder(lr, 1)) if x is not None]
         best = min(tried, key=lambda r: r["val_loss"])["lr"]
-        runs = tried + [train_once(base, tok, task, config(), best, steps, seed, echo) for seed in seeds[1:]]
+        runs = [train_once(base, tok, task, config(), best, steps, seed, echo, test=True) for seed in seeds]
         out["settings"][label] = {
-            "lr": best, "val_losses": [r["val_loss"] for r in runs if r["lr"] == best],
-            "scores": {f"{r['lr']:g}": r["val_loss"] for r in tried}, "runs": runs,
+            "lr": best, "val_losses": [r["val_loss"] for r in runs], "test_losses": [r["test_losses"] for r in runs],
+            "scores": {f"{r['lr']:g}": r["val_loss"] for r in tried}, "selection": tried,
+            "runs": [{k: v for k, v in r.items() if k != "test_losses"} for r in runs],
             "trainable_params": runs[0]["trainable_params"], "main": configs[label] is None,
             "config": config().to_dict()}
         if configs[label] is None:
@@ -159,7 +167,7 @@ def sweep(task="extract", methods=MAIN_METHODS, variants=tuple(VARIANTS), checkp
     into out (default tinyllm/sweeps/<task>/). Variant groups need their method's result, from this run
     or from an earlier one in out."""
     start = time.perf_counter()
-    base, tok, meta = load_pretrained(checkpoint)
+    base, tok, meta = load_pretrained(checkpoint, need_data=True)
     world = World(meta["data"]["world_seed"], meta["data"]["n_people"])
     t = get_task(task, world)
     folder = out or sweep_folder(task)
@@ -167,8 +175,8 @@ def sweep(task="extract", methods=MAIN_METHODS, variants=tuple(VARIANTS), checkp
     header = {"task": task, "command": command, "date": datetime.date.today().isoformat(),
               "base": {"checkpoint": checkpoint, "step": meta.get("step"), "fingerprint": base_fingerprint(base)},
               "settings": {"budgets": list(BUDGETS), "batch_size": BATCH_SIZE, "seeds": list(SEEDS),
-                           "variant_seeds": list(VARIANT_SEEDS), "n_val": N_VAL, "rel_tol": REL_TOL,
-                           "abs_tol": ABS_TOL, "grids": {m: list(PRESETS[m].lrs) for m in methods}}}
+                           "variant_seeds": list(VARIANT_SEEDS), "select_seed": SELECT_SEED, "cap": CAP,
+                           "n_val": N_VAL, "rel_tol": REL_TOL, "abs_tol": ABS_TOL, "grids": {m: list(PRESETS[m].lrs) for m in methods}}}
     for m in methods:
         write_json(os.path.join(folder, f"{m}.json"), {**header, **sweep_method(base, tok, t, m, echo)})
     found, done = tuned(task, folder), {}
