@@ -1,12 +1,14 @@
 """
 `python -m tinyllm bench`: how fast tinyllm trains and generates, and how close it runs to the machine.
 
-Everything is measured in this one run, so ratios compare like with like on a shared, noisy machine:
-medians of several repeats, after a warm-up.
+Medians of several repeats, after a warm-up; what is compared is timed in turns, so that a shared,
+noisy machine slows both sides alike.
 
   peak      float32 GFLOP/s of one large np.matmul: the ceiling for everything else
-  model     forward+backward tokens/s and achieved GFLOP/s on the "lesson" and "wide" configs
-            (and PyTorch eager on the same model, when torch happens to be installed)
+  model     forward+backward tokens/s and achieved GFLOP/s on the "lesson", "wide" and GPT-2 small configs,
+            with one worker and with one per core (tinyllm.parallel), next to PyTorch eager on the same
+            model when torch happens to be installed: each library in a process of its own, taking turns
+  load      GPT.from_pretrained of a GPT-2 small safetensors file: seconds and peak memory
   layers    where a step's time goes, per layer, forward and backward, and its matmuls' GFLOP/s
   methods   each fine-tuning method's training-step time as a ratio to a full fine-tuning step (and
             the floor: a model with nothing trainable), and its peak memory next to the count of

@@ -98,12 +98,18 @@ def blas_threads(n):
 
 
 def parallel_map(fn, items, workers):
-    """[fn(item) for item in items], on `workers` threads with one BLAS thread each (in order)."""
+    """[fn(item) for item in items], on `workers` threads with one BLAS thread each (in order). Each runs under
+    the caller's NumPy floating-point error settings (np.errstate), which a new thread would not inherit."""
     items = list(items)
     if workers <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
+    settings = np.geterr()
+
+    def call(item):
+        with np.errstate(**settings):
+            return fn(item)
     with blas_threads(1), ThreadPoolExecutor(min(workers, len(items))) as pool:
-        return list(pool.map(fn, items))
+        return list(pool.map(call, items))
 
 # ----------------------------------------------------------------------------------------------------
 # one training step's forward and backward, split over workers
