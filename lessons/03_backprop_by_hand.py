@@ -5,15 +5,17 @@ tinyllm has no autograd: every layer is a pair, `out, cache = X_forward(...)` an
 X_backward(dout, cache)`, and the model's backward is its forward read in reverse. This lesson walks a
 tiny GPT through both, in float64:
 
-  1. the forward, layer by layer, keeping each layer's cache
-  2. the backward: seed dloss/dloss = 1, then every layer's backward in exact reverse order
-  3. the proof: every parameter tensor's gradient against centred finite differences,
+  1. the model: a tiny GPT in float64, its parameters moved away from their initialisation (and why)
+  2. the forward, layer by layer, keeping each layer's cache
+  3. the backward: seed dloss/dloss = 1, then every layer's backward in exact reverse order
+  4. the proof: every parameter tensor's gradient against centred finite differences,
          numeric = (loss(w + h) - loss(w - h)) / (2 h)
      in a cmp-style table (name, max abs diff, relative error, ok)
-  4. the same check for single layers: layer norm, GELU, attention, cross-entropy
-  5. why in float64: what float32 does to finite differences
+  5. the same check for single layers: layer norm, GELU, attention, cross-entropy
+  6. why in float64: what float32 does to finite differences
 
-Run from the repository root (a few seconds):
+Gradients are checked on a random model: a gradient is right or wrong whatever the weights, so this lesson
+needs no pretrained one. Run from the repository root (seconds):
 
     python lessons/03_backprop_by_hand.py
 
@@ -41,20 +43,42 @@ from tinyllm.layers import (attention_backward, attention_forward, cross_entropy
                             linear_forward)
 from tinyllm.model import GPTConfig, gpt_backward, gpt_forward, init_params
 from tinyllm.tokenizer import default_tokenizer
-from lessons.common import section
+from lessons.common import indented, lesson_section
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "03_backprop_by_hand")
-TINY = dict(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16)   # ~7,800 parameters
+TINY = dict(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16)   # section 1 prints its size
 MODEL_TOL = 1e-6    # a whole model, float64: many layers of rounding add up
 LAYER_TOL = 1e-7    # one layer, float64 (cs231n's threshold for a correct gradient)
 
 
-def moved_from_init(config, seed):
-    """float64 GPT-2 parameters, moved well away from their initialisation.
+# ----------------------------------------------------------------------------------------------------
 
-    At init every bias is 0 and every layer-norm gain 1, and a wrong gradient term multiplied by them
-    vanishes or hides: a check there can pass with a bug in the code. So we shake everything first.
-    """
+@lesson_section("1. the model: a tiny GPT, moved away from its initialisation")
+def the_model(config, batch_size, seed):
+    """A gradient check runs the whole forward twice for every parameter entry it checks, so the model is
+    tiny, and in float64 (section 6 shows why). Its parameters are not left at their initialisation: there
+    every bias is 0 and every layer-norm gain 1, and a wrong gradient term multiplied by a zero vanishes, or
+    by a one hides. A check there can pass with a bug in the code. So moved_from_init (below) shakes every
+    parameter first: gains around 1 and biases around 0 with a spread, matrices with a larger one."""
+    config = GPTConfig(**config)
+    tok = default_tokenizer()
+    text = make_corpus(World(0, 24), n_docs=8, seed=seed)
+    idx, targets = get_batch(tok.encode(text), batch_size, config.block_size, np.random.default_rng(seed))
+    p = moved_from_init(config, seed)
+    n_params = sum(v.size for v in p.values())
+    print(f"{config.n_layer} blocks, {config.n_head} heads, C = {config.n_embd}, V = {config.vocab_size}: "
+          f"{n_params:,} parameters in {len(p)} tensors, float64.")
+    init = init_params(config, seed, np.float64)
+    spread = lambda q: [float(np.std(q[k])) for k in ("h.0.ln_1.weight", "h.0.attn.c_attn.bias",
+                                                      "h.0.attn.c_attn.weight")]
+    print("Spread (std) of block 0's ln_1 gain, c_attn bias and c_attn weight: at init "
+          + ", ".join(f"{v:.2f}" for v in spread(init)) + "; moved " + ", ".join(f"{v:.2f}" for v in spread(p)) + ".")
+    print(f"Batch: {batch_size} windows of {config.block_size} characters, e.g. {tok.decode(idx[0])!r}.")
+    return config, p, idx, targets, n_params
+
+
+def moved_from_init(config, seed):
+    """float64 GPT-2 parameters, moved well away from their initialisation (see section 1)."""
     rng = np.random.default_rng(seed)
     p = init_params(config, seed, np.float64)
     for name, v in p.items():
@@ -67,8 +91,14 @@ def moved_from_init(config, seed):
     return p
 
 
-# ----------------------------------------------------------------------------------------------------
-# 1. the forward, written out with the layer functions
+@lesson_section("2. the forward")
+def the_forward(p, idx, targets, config):
+    """GPT-2's forward, one layer call per line (below, in forward): embeddings; per block, layer norm,
+    attention and its projection added back to x (the residual), then layer norm, the MLP and its
+    projection added back; a final layer norm; the logits, with wte itself as the output layer; the loss.
+    Every call returns its output and a cache, what its backward will need; the caches are kept in order."""
+    return forward(p, idx, targets, config, say=indented)
+
 
 def forward(p, idx, targets, config, say):
     """GPT-2's forward, one layer call per line. Returns the loss and every cache the backward needs."""
@@ -101,8 +131,23 @@ def forward(p, idx, targets, config, say):
     return loss, (c_wte, blocks, xf, c_lnf, c_loss)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. the backward: the forward read from the bottom up
+@lesson_section("3. the backward, in reverse order")
+def the_backward(p, caches, config, idx, targets, loss):
+    """The backward starts from the seed dloss/dloss = 1 and calls every layer's backward in exact reverse
+    order of the forward (below, in backward), each step quoting the forward line it undoes. Two places
+    sum gradients: a residual x = x + branch hands dx, unchanged, both to the branch and to the path around
+    it; and wte, used twice (as the embedding and as the output layer), gets the sum of both uses.
+    Then the same gradients from the library's own backward, tinyllm.model.gpt_backward."""
+    grads = backward(p, caches, config, say=indented)
+    _, lib_loss, lib_cache = gpt_forward(p, idx, config, targets)
+    lib_grads = gpt_backward(lib_cache, set(p))
+    same_keys = set(grads) == set(lib_grads) == set(p)
+    vs_lib = max(float(np.max(np.abs(grads[k] - lib_grads[k]))) for k in p)
+    print(f"\n{len(grads)} gradient tensors, one per parameter tensor: {same_keys}.")
+    print(f"tinyllm.model.gpt_backward gives the same: loss difference {abs(loss - lib_loss):.1e}, largest "
+          f"gradient difference {vs_lib:.1e}.")
+    return grads, dict(same_keys=same_keys, grad_vs_library_max_diff=vs_lib)
+
 
 def backward(p, caches, config, say):
     """Every parameter's gradient. Each step quotes the forward line it undoes."""
@@ -143,12 +188,35 @@ def backward(p, caches, config, say):
     return g
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. single layers
+@lesson_section("4. every parameter tensor against finite differences")
+def check_every_tensor(p, idx, targets, config, grads, n_params, n_samples, seed):
+    """For each checked entry w of a parameter: nudge it by h = 1e-5 both ways, run the whole forward, and
+    compare (loss(w + h) - loss(w - h)) / 2h with the analytic gradient. Per tensor, the relative error
+    max|analytic - numeric| / max(|analytic| + |numeric|), the cs231n recipe. The rows come in the order
+    the backward produced the gradients: from the head down to the embeddings."""
+    n_checked = n_params if n_samples is None else sum(min(n_samples, v.size) for v in p.values())
+    print(f"{n_checked:,} entries checked, {'every one' if n_samples is None else f'up to {n_samples} per tensor'}:\n")
+    f = lambda: gpt_forward(p, idx, config, targets)[1]
+    rows = check_gradients(f, p, grads, n_samples=n_samples, seed=seed)
+    print_table(rows, tol=MODEL_TOL)
+    worst = max(r[2] for r in rows)
+    print(f"\nworst relative error {worst:.2e} (threshold {MODEL_TOL:g}): "
+          f"{'every gradient is right' if worst < MODEL_TOL else 'SOMETHING IS WRONG'}.")
+    return rows, dict(n_checked=n_checked, worst_model_rel_error=worst, model_rows=rows)
+
+
+@lesson_section("5. single layers")
+def check_single_layers(seed):
+    """Each layer alone, with a random upstream gradient G: a layer's output is an array, so the checked
+    scalar is sum(out * G), and the analytic side is X_backward(G, cache). Fewer operations than the whole
+    model, so less rounding: the threshold is 1e-7."""
+    rows = layer_checks(np.random.default_rng(seed + 1))
+    print_table(rows, tol=LAYER_TOL)
+    return rows, dict(worst_layer_rel_error=max(r[2] for r in rows), layer_rows=rows)
+
 
 def layer_checks(rng):
-    """Each layer alone. A layer's output is an array, so the checked scalar is sum(out * G) with G a
-    fixed random upstream gradient, and the analytic side is X_backward(G, cache)."""
+    """Each layer alone: rows (name, max abs diff, relative error)."""
     B, T, C, NH, V = 2, 5, 8, 2, 7
     rows = []
 
@@ -177,8 +245,32 @@ def layer_checks(rng):
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. float32 against float64
+@lesson_section("6. why float64")
+def why_float64(p, idx, targets, config, grads, loss, seed):
+    """Finite differences of a few entries of one weight, with the loss computed in float64 and in float32,
+    for steps h from 1e-1 down to 1e-9. Two errors pull against each other. A large h measures the slope of
+    a curve over too wide a step (the error shrinks like h^2). A small h divides the loss's rounding error
+    by 2h (the error grows like 1/h). float64 keeps about 16 significant digits, float32 about 7."""
+    name = "h.0.attn.c_attn.weight"
+    steps, errors = step_size_sweep(p, idx, targets, config, grads, name, 8, seed)
+    print(f"8 entries of {name}; relative error against the float64 analytic gradient:")
+    print(f"{'h':>8}  {'float64':>10}  {'float32':>10}")
+    for h, e64, e32 in zip(steps, errors["float64"], errors["float32"]):
+        print(f"{h:8.0e}  {e64:10.2e}  {e32:10.2e}")
+    best32, best64 = min(errors["float32"]), min(errors["float64"])
+    print(f"float64 gets down to {best64:.1e} (at h = {steps[int(np.argmin(errors['float64']))]:.0e}); float32's "
+          f"best is {best32:.1e} (at h = {steps[int(np.argmin(errors['float32']))]:.0e}),")
+    print(f"so in float32 a correct gradient would {'fail' if best32 > LAYER_TOL else 'pass'} a {LAYER_TOL:g} check.")
+    at_1e7 = errors["float32"][int(np.argmin(np.abs(np.log10(steps) + 7)))]
+    if at_1e7 > 0.99:
+        g = float(np.max(np.abs(grads[name])))
+        print(f"At h = 1e-7 the two float32 losses come out identical: a loss of {loss:.2f} is stored in steps "
+              f"of {float(np.spacing(np.float32(loss))):.0e},")
+        print(f"while h * gradient is at most 1e-7 * {g:.3f} = {1e-7 * g:.0e}. The difference is 0, the "
+              f"relative error 1.")
+    return name, steps, errors, dict(best_float32_rel_error=best32,
+                                     float64_rel_error_at_1e5=errors["float64"][int(np.argmin(np.abs(np.log10(steps) + 5)))])
+
 
 def step_size_sweep(p, idx, targets, config, grads, name, n_entries, seed):
     """Relative error of finite differences against the float64 analytic gradient, for a range of h,
@@ -198,6 +290,17 @@ def step_size_sweep(p, idx, targets, config, grads, name, n_entries, seed):
 
 # ----------------------------------------------------------------------------------------------------
 # figures
+
+@lesson_section("figures")
+def save_figures(model_rows, layer_rows, steps, errors, name, out_dir):
+    errors_path = os.path.join(out_dir, "gradcheck_errors.png")
+    sweep_path = os.path.join(out_dir, "float32_vs_float64.png")
+    plot_errors(model_rows, layer_rows, errors_path)
+    plot_sweep(steps, errors, name, sweep_path)
+    print(f"saved {os.path.relpath(errors_path)}: relative error of every gradient check, log scale")
+    print(f"saved {os.path.relpath(sweep_path)}: finite-difference error against step size, float64 and float32")
+    return [errors_path, sweep_path]
+
 
 def plot_errors(model_rows, layer_rows, path):
     rows = model_rows + layer_rows
@@ -245,87 +348,17 @@ def plot_sweep(steps, errors, name, path):
 # ----------------------------------------------------------------------------------------------------
 
 def main(config=None, batch_size=2, n_samples=None, seed=0, out_dir=OUT_DIR):
-    """Run the lesson.
-
-    config: GPTConfig fields (default TINY); n_samples: entries checked per tensor (None: every entry).
-    Returns a dict of what it measured (and the paths of its figures).
-    """
+    """Run the lesson. config: GPTConfig fields (default TINY); n_samples: entries checked per tensor (None:
+    every entry). Returns a dict of what it measured (and the paths of its figures)."""
     os.makedirs(out_dir, exist_ok=True)
-    config = GPTConfig(**(config or TINY))
-    tok = default_tokenizer()
-    text = make_corpus(World(0, 24), n_docs=8, seed=seed)
-    idx, targets = get_batch(tok.encode(text), batch_size, config.block_size, np.random.default_rng(seed))
-    p = moved_from_init(config, seed)
-    n_params = sum(v.size for v in p.values())
-
-    section("1. the forward")
-    print(f"A tiny GPT in float64: {config.n_layer} blocks, {config.n_head} heads, C = {config.n_embd}, "
-          f"{n_params:,} parameters in {len(p)} tensors, moved away from their init (see moved_from_init).")
-    print(f"Batch: {batch_size} windows of {config.block_size} characters, e.g. {tok.decode(idx[0])!r}.")
-    loss, caches = forward(p, idx, targets, config, say=lambda s: print("  " + s))
-
-    section("2. the backward, in reverse order")
-    grads = backward(p, caches, config, say=lambda s: print("  " + s))
-    _, lib_loss, lib_cache = gpt_forward(p, idx, config, targets)
-    lib_grads = gpt_backward(lib_cache, set(p))
-    same_keys = set(grads) == set(lib_grads) == set(p)
-    vs_lib = max(float(np.max(np.abs(grads[k] - lib_grads[k]))) for k in p)
-    print(f"\n{len(grads)} gradient tensors, one per parameter tensor: {same_keys}.")
-    print(f"tinyllm.model.gpt_backward gives the same: loss difference {abs(loss - lib_loss):.1e}, largest "
-          f"gradient difference {vs_lib:.1e}.")
-
-    section("3. every parameter tensor against finite differences")
-    n_checked = n_params if n_samples is None else sum(min(n_samples, v.size) for v in p.values())
-    print(f"For each of {n_checked:,} entries: nudge it by h = 1e-5 both ways, run the whole forward, and compare")
-    print("(loss(w + h) - loss(w - h)) / 2h with the analytic gradient. Relative error per tensor:")
-    print("max|analytic - numeric| / max(|analytic| + |numeric|), the cs231n recipe. The rows come in the order")
-    print("the backward produced the gradients: from the head down to the embeddings.\n")
-    f = lambda: gpt_forward(p, idx, config, targets)[1]
-    model_rows = check_gradients(f, p, grads, n_samples=n_samples, seed=seed)
-    print_table(model_rows, tol=MODEL_TOL)
-    worst_model = max(r[2] for r in model_rows)
-    print(f"\nworst relative error {worst_model:.2e} (threshold {MODEL_TOL:g}): "
-          f"{'every gradient is right' if worst_model < MODEL_TOL else 'SOMETHING IS WRONG'}.")
-
-    section("4. single layers")
-    print("Each layer alone, with a random upstream gradient G: the check differentiates sum(out * G).")
-    print("Fewer operations, so less rounding: the threshold is 1e-7.\n")
-    layer_rows = layer_checks(np.random.default_rng(seed + 1))
-    print_table(layer_rows, tol=LAYER_TOL)
-    worst_layer = max(r[2] for r in layer_rows)
-
-    section("5. why float64")
-    name = "h.0.attn.c_attn.weight"
-    steps, errors = step_size_sweep(p, idx, targets, config, grads, name, 8, seed)
-    print(f"Finite differences of 8 entries of {name}, the loss computed in float64 and in float32:")
-    print(f"{'h':>8}  {'float64':>10}  {'float32':>10}")
-    for h, e64, e32 in zip(steps, errors["float64"], errors["float32"]):
-        print(f"{h:8.0e}  {e64:10.2e}  {e32:10.2e}")
-    best32, best64 = min(errors["float32"]), min(errors["float64"])
-    print("Two errors pull against each other. A large h measures the slope of a curve over too wide a step")
-    print("(the error shrinks like h^2). A small h divides the loss's rounding error by 2h (the error grows")
-    print(f"like 1/h). float64 keeps 16 digits and gets down to {best64:.1e} (at h = "
-          f"{steps[int(np.argmin(errors['float64']))]:.0e}). float32 keeps 7: its")
-    print(f"best here is {best32:.1e}, so in float32 a correct gradient would fail a 1e-7 check.")
-    if errors["float32"][6] > 0.99:                                             # steps[6] = 1e-7
-        g = float(np.max(np.abs(grads[name])))
-        print(f"At h <= 1e-7 the two float32 losses come out identical: a loss of {loss:.2f} is stored in steps "
-              f"of {float(np.spacing(np.float32(loss))):.0e},")
-        print(f"while h * gradient is at most 1e-7 * {g:.3f} = {1e-7 * g:.0e}. The difference is 0, the "
-              f"relative error 1.")
-
-    section("figures")
-    errors_path = os.path.join(out_dir, "gradcheck_errors.png")
-    sweep_path = os.path.join(out_dir, "float32_vs_float64.png")
-    plot_errors(model_rows, layer_rows, errors_path)
-    plot_sweep(steps, errors, name, sweep_path)
-    print(f"saved {os.path.relpath(errors_path)}: relative error of every gradient check, log scale")
-    print(f"saved {os.path.relpath(sweep_path)}: finite-difference error against step size, float64 and float32")
-    return dict(n_params=n_params, n_checked=n_checked, loss=loss, grad_vs_library_max_diff=vs_lib,
-                same_keys=same_keys, worst_model_rel_error=worst_model, worst_layer_rel_error=worst_layer,
-                model_rows=model_rows, layer_rows=layer_rows, best_float32_rel_error=best32,
-                float64_rel_error_at_1e5=errors["float64"][int(np.argmin(np.abs(np.log10(steps) + 5)))],
-                figures=[errors_path, sweep_path])
+    config, p, idx, targets, n_params = the_model(config or TINY, batch_size, seed)
+    loss, caches = the_forward(p, idx, targets, config)
+    grads, m_back = the_backward(p, caches, config, idx, targets, loss)
+    model_rows, m_model = check_every_tensor(p, idx, targets, config, grads, n_params, n_samples, seed)
+    layer_rows, m_layers = check_single_layers(seed)
+    name, steps, errors, m_float = why_float64(p, idx, targets, config, grads, loss, seed)
+    figures = save_figures(model_rows, layer_rows, steps, errors, name, out_dir)
+    return dict(n_params=n_params, loss=loss, figures=figures, **m_back, **m_model, **m_layers, **m_float)
 
 
 if __name__ == "__main__":

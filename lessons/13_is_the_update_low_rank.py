@@ -1,31 +1,31 @@
 """
 Lesson 13: is the fine-tuning update low-rank?
 
-LoRA rests on a hypothesis: the change fine-tuning makes to a weight matrix, dW = W_after - W_before,
-has a low "intrinsic rank", so a rank-r product A @ B can stand in for it. Full fine-tuning lets dW be
-anything, so it can test the hypothesis:
+LoRA rests on a hypothesis: the change fine-tuning makes to a weight matrix, dW = W_after - W_before, has a
+low "intrinsic rank", so a rank-r product A @ B can stand in for it. Full fine-tuning lets dW be anything,
+so it can test the hypothesis, on the lab's task (extract: read one field off a sentence):
 
-  1. fine-tune all the weights (and, for comparison, LoRA with r = 8 on c_attn) on one task
-  2. take dW of every matrix in the blocks and its singular values s_1 >= s_2 >= ... (np.linalg.svd)
-  3. spectra: s_i / s_1, next to a random matrix of the same shape (what "no structure" looks like)
-  4. energy in the top r directions, sum(s_1..s_r ^ 2) / sum(s ^ 2): how much of dW a rank-r update can hold
-  5. does the rest matter? Keep only the top r directions of every dW (the best rank-r approximation) and
-     measure the validation loss: if the loss at r = 8 is close to the full update's, rank 8 was enough
-  6. does LoRA find the same directions? The overlap of LoRA's update with the top directions of full
-     fine-tuning's update, against the overlap two random subspaces would have
+  1. fine-tune all the weights, and LoRA with r = 8 on c_attn, keeping what each learned
+  2. the singular values s_1 >= s_2 >= ... of every dW, next to a random matrix of the same shape, and the
+     energy in the top r directions, sum(s_1..s_r ^ 2) / sum(s ^ 2): how much of dW a rank-r update holds
+  3. does the rest matter? Keep only the top r directions of every dW (its best rank-r approximation) and
+     measure the validation loss and test accuracy
+  4. does LoRA find the same directions? The overlap of LoRA's update with the top directions of full
+     fine-tuning's, on the input side and on the output side, against what random subspaces would share
+  5. what it shows
+  6. the figures
 
-The task is record (rewrite a sentence into a fixed format), on which tinyllm.compare tuned the learning rates.
-
-Run from the repository root (about 1.5 minutes on 2 CPU cores; pretraining first if there is no checkpoint):
+Run from the repository root (a few minutes on 2 cores; README.md has the measured time; pretraining
+first if there is no checkpoint):
 
     python lessons/13_is_the_update_low_rank.py
 
 Figures go to runs/lessons/13_is_the_update_low_rank/.
 
-Legend: L layers, C channels, r rank; U S V^T the singular value decomposition of dW.
+Legend: L layers, C channels, r rank; dW = U S V^T, the singular value decomposition of a weight stored as
+(in, out): U's columns are directions of the input space, V's of the output space.
 """
 import copy
-import dataclasses
 import os
 import sys
 import tempfile
@@ -38,15 +38,12 @@ matplotlib.use("Agg")      # write image files; no window needed
 import matplotlib.pyplot as plt
 import numpy as np
 
-from tinyllm.presets import method_config, tuned_lrs
-from tinyllm.tasks import record_scores
-
-LRS = tuned_lrs()
 from tinyllm.data import World
-from tinyllm.peft.saving import read_adapter
 from tinyllm.finetune import finetune, measure_base, val_loss_fn
+from tinyllm.peft.saving import read_adapter
+from tinyllm.presets import DEFAULT_TASK, method_config, tuned
 from tinyllm.tasks import evaluate, get_task
-from lessons.common import CHECKPOINT, load_base, section
+from lessons.common import CHECKPOINT, lesson_section, load_base
 
 OUT_DIR = os.path.join(ROOT, "runs", "lessons", "13_is_the_update_low_rank")
 MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")    # the weight matrices of a block
@@ -54,24 +51,32 @@ COLORS = dict(zip(MATRICES, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. fine-tuning, keeping what it learned
 
-def train_and_keep(base, tok, task, method, steps, batch_size, before):
-    """Fine-tune and return (the run's numbers, the saved arrays): for full fine-tuning every weight after
-    training, for LoRA its A and B matrices."""
-    with tempfile.TemporaryDirectory() as folder:
-        r = finetune(base, tok, method_config(method), task, steps=steps, batch_size=batch_size, lr=LRS[method],
-                     eval_interval=max(1, steps // 4), out=lambda line: None, before=before, save_dir=folder,
-                     log_interval=steps)
-        arrays = read_adapter(base, folder, False)[1]
-    print(f"  {method:<5} {r['trainable_params']:>9,} trainable, lr {LRS[method]:g}: val loss "
-          f"{r['history']['val_loss'][0]:.3f} -> {r['final_val_loss']:.3f}, test accuracy {r['accuracy_before']:.3f} -> "
-          f"{r['accuracy_after']:.3f} ({r['train_seconds']:.0f} s)", flush=True)
-    return r, arrays
+@lesson_section("1. fine-tuning, keeping what it learned")
+def fine_tune_both(base, tok, task, steps, batch_size):
+    """Full fine-tuning and LoRA (r = 8 on c_attn, the comparison's), each at the learning rate the sweep
+    (`python -m tinyllm sweep`) tuned for it on this task, the same steps and batches. What each saves is
+    kept: for full fine-tuning every weight after training, for LoRA its A and B matrices."""
+    before = measure_base(base, tok, task)
+    found = tuned(task.name)
+    runs = {}
+    for method in ("full", "lora"):
+        lr = found[method]["lr"]
+        where = found[method]["source"] if found[method]["source"] != "fallback" else "the preset's: no sweep yet"
+        with tempfile.TemporaryDirectory() as folder:
+            r = finetune(base, tok, method_config(method), task, steps=steps, batch_size=batch_size, lr=lr,
+                         eval_interval=max(1, steps // 4), out=lambda line: None, before=before, save_dir=folder,
+                         log_interval=steps)
+            runs[method] = r, read_adapter(base, folder, False)[1]
+        print(f"  {method:<5} {r['trainable_params']:>9,} trainable, lr {lr:g} ({where}): val loss "
+              f"{r['history']['val_loss'][0]:.3f} -> {r['final_val_loss']:.3f}, test accuracy "
+              f"{r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f} ({r['train_seconds']:.0f} s)", flush=True)
+    return runs
 
 
 def updates(base, full_after, lora_arrays, lora_scale, L):
-    """{name: dW} per block matrix, float64: full fine-tuning's W_after - W_before, and LoRA's scale * A @ B."""
+    """{name: dW} per block matrix, float64, (in, out): full fine-tuning's W_after - W_before, and LoRA's
+    scale * A @ B."""
     dW_full, dW_lora = {}, {}
     for i in range(L):
         for m in MATRICES:
@@ -82,9 +87,6 @@ def updates(base, full_after, lora_arrays, lora_scale, L):
                 dW_lora[name] = lora_scale * A.astype(np.float64) @ B
     return dW_full, dW_lora
 
-
-# ----------------------------------------------------------------------------------------------------
-# 2-4. spectra and energy
 
 def energy(s):
     """Cumulative share of the squared Frobenius norm in the top 1, 2, ... singular directions."""
@@ -97,8 +99,12 @@ def directions_for(s, share):
     return int(np.searchsorted(energy(s), share) + 1)
 
 
+@lesson_section("2. how concentrated is full fine-tuning's dW?")
 def show_spectra(dW_full, ranks, lora_r, seed):
-    section("2-4. the singular values of full fine-tuning's dW")
+    """np.linalg.svd gives every dW's singular values, largest first. 'top r' is the share of dW's squared
+    norm in its r largest singular directions, what the best rank-r matrix can hold; '90% in' is how many
+    directions hold 90% of it. The last column is the same share for a Gaussian random matrix of the same
+    shape: what 'no structure' looks like."""
     rng = np.random.default_rng(seed)
     spectra, random_spectra = {}, {}
     print(f"{'matrix':<18} {'shape':>11} {'|dW|':>7} " + " ".join(f"{'top ' + str(r):>7}" for r in ranks)
@@ -110,13 +116,8 @@ def show_spectra(dW_full, ranks, lora_r, seed):
         e, e_rand = energy(s), energy(noise)
         print(f"{name:<18} {str(dW.shape):>11} {np.linalg.norm(dW):7.3f} " + " ".join(f"{e[r - 1]:7.1%}" for r in ranks)
               + f" {directions_for(s, 0.9):>4} of {len(s):<3} {e_rand[min(lora_r, len(s)) - 1]:>15.1%}")
-    print("(top r: share of the squared norm in the r largest singular directions; 90% in: how many directions "
-          "hold 90%; random: a Gaussian matrix of the same shape)")
     return spectra, random_spectra
 
-
-# ----------------------------------------------------------------------------------------------------
-# 5. keep only the top r directions
 
 def truncated(dW, r):
     """The best rank-r approximation of dW (Eckart-Young): U[:, :r] S[:r] V^T[:r]."""
@@ -124,10 +125,11 @@ def truncated(dW, r):
     return (U[:, :r] * s[:r]) @ Vt[:r]
 
 
+@lesson_section("3. keep only the top r directions of every dW")
 def truncation_test(base, tok, task, full_after, dW_full, ranks):
-    section("5. keep only the top r directions of every dW")
-    print("A copy of the base model gets full fine-tuning's trained embeddings, layer norms and biases, and for each block")
-    print("matrix W_before + (dW cut to its top r directions). r = 0 keeps no matrix update, 'full' all of it.")
+    """A copy of the base model gets full fine-tuning's trained embeddings, layer norms and biases, and for
+    each block matrix W_before + (dW cut to its top r directions). r = 0 keeps no matrix update at all,
+    'full' all of it. If the loss at a small r is close to the whole update's, that rank was enough."""
     model = copy.deepcopy(base)
     val_loss = val_loss_fn(tok, task, base.config.block_size)
     rows = {}
@@ -139,45 +141,106 @@ def truncation_test(base, tok, task, full_after, dW_full, ranks):
             if r is not None:
                 model.params[name + ".weight"][...] = W + (truncated(dW, r) if r else 0.0)
         label = "full" if r is None else r
-        rows[label] = score(model, tok, task, val_loss)
-        print(f"  r = {str(label):<5} val loss {rows[label]['val_loss']:.3f}   " +
-              "   ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in rows[label].items() if k != "val_loss"), flush=True)
+        rows[label] = {"val_loss": float(val_loss(model)), "test_accuracy": evaluate(model, tok, task)["accuracy"]}
+        print(f"  r = {str(label):<5} val loss {rows[label]['val_loss']:.3f}   test accuracy "
+              f"{rows[label]['test_accuracy']:.3f}", flush=True)
     return rows
 
 
-def score(model, tok, task, val_loss):
-    """Val loss and test accuracy; on the record task also the share of its key=value fields right."""
-    ev = evaluate(model, tok, task)
-    row = {"val_loss": float(val_loss(model)), "test_accuracy": ev["accuracy"]}
-    if task.name == "record":
-        row["field_accuracy"] = record_scores(ev["predictions"], [a for _, a in task.test])["field_accuracy"]
-    return row
+def subspace_overlap(dW_a, dW_b, r, side="input"):
+    """How much of the top-r subspace of dW_a lies in the top-r subspace of dW_b, on one side.
+
+    The weights are stored (in, out) and used as x @ W, so in dW = U S V^T the columns of U (length in) are
+    directions in the INPUT space, the inputs x the update responds to, and the rows of V^T (length out) are
+    directions in the OUTPUT space, what it writes. side='input' compares U[:, :r], side='output' V[:, :r]:
+    ||Q_a^T Q_b||_F^2 / r, 1 for the same subspace, about r / n for random ones in n dimensions (n = in or out).
+    """
+    Qa, Qb = top_directions(dW_a, r, side), top_directions(dW_b, r, side)
+    return float(np.sum((Qa.T @ Qb) ** 2) / r)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 6. LoRA's directions against full fine-tuning's
-
-def subspace_overlap(dW_a, dW_b, r):
-    """How much of the top-r output directions of dW_a lie in the top-r output directions of dW_b:
-    ||U_a[:, :r]^T U_b[:, :r]||_F^2 / r, 1 for the same subspace, about r / n for random ones (n rows)."""
-    Ua = np.linalg.svd(dW_a, full_matrices=False)[0][:, :r]
-    Ub = np.linalg.svd(dW_b, full_matrices=False)[0][:, :r]
-    return float(np.sum((Ua.T @ Ub) ** 2) / r)
+def top_directions(dW, r, side):
+    """The top r singular directions of dW (in, out) as orthonormal columns: (in, r) or (out, r)."""
+    if side not in ("input", "output"):
+        raise ValueError(f"side must be 'input' or 'output', got {side!r}")
+    U, _, Vt = np.linalg.svd(dW, full_matrices=False)
+    return U[:, :r] if side == "input" else Vt[:r].T
 
 
+@lesson_section("4. does LoRA find the directions full fine-tuning uses?")
 def show_overlap(dW_full, dW_lora, r):
-    section(f"6. does LoRA (r = {r}) find the directions full fine-tuning uses?")
+    """LoRA's update scale * A @ B has rank r: on the input side its directions are A's columns, on the
+    output side B's rows. For each c_attn, the share of LoRA's r directions that lie in the top r
+    directions of full fine-tuning's update of the same matrix, on each side, next to what two random
+    r-dimensional subspaces would share. |dW|: the Frobenius norm of each update."""
     rows = {}
     for name, dl in dW_lora.items():
-        rows[name] = {"overlap": subspace_overlap(dl, dW_full[name], r), "chance": r / dl.shape[0],
+        n_in, n_out = dl.shape
+        rows[name] = {"overlap": subspace_overlap(dl, dW_full[name], r, "input"), "chance": r / n_in,
+                      "overlap_out": subspace_overlap(dl, dW_full[name], r, "output"), "chance_out": r / n_out,
                       "lora_norm": float(np.linalg.norm(dl)), "full_norm": float(np.linalg.norm(dW_full[name]))}
-        print(f"  {name:<16} overlap of the top {r} directions (input side) {rows[name]['overlap']:.2f}   (random "
-              f"subspaces: {rows[name]['chance']:.2f})   |dW| LoRA {rows[name]['lora_norm']:.3f}, full {rows[name]['full_norm']:.3f}")
+        o = rows[name]
+        print(f"  {name:<16} input side {o['overlap']:.2f} (random: {o['chance']:.2f})   output side "
+              f"{o['overlap_out']:.2f} (random: {o['chance_out']:.2f})   |dW| LoRA {o['lora_norm']:.3f}, "
+              f"full {o['full_norm']:.3f}")
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------
-# figures
+@lesson_section("5. what it shows")
+def what_it_shows(spectra, random_spectra, rows, ranks, overlap, runs, lora_r):
+    """Three questions: is dW more concentrated than a random matrix, does its top-r part do the work of the
+    whole, and does LoRA, trained on its own, land in the same directions?"""
+    e_at = {name: energy(s)[min(lora_r, len(s)) - 1] for name, s in spectra.items()}
+    e_rand = {name: energy(s)[min(lora_r, len(s)) - 1] for name, s in random_spectra.items()}
+    print(f"Energy of dW in its top {lora_r} directions: {min(e_at.values()):.0%} to {max(e_at.values()):.0%} over the "
+          f"{len(e_at)} matrices (mean {np.mean(list(e_at.values())):.0%}); for random matrices of the same shapes "
+          f"{np.mean(list(e_rand.values())):.0%}.")
+    if lora_r in rows:
+        lost = rows[lora_r]["val_loss"] - rows["full"]["val_loss"]
+        span = rows[0]["val_loss"] - rows["full"]["val_loss"]
+        print(f"Cutting every dW to rank {lora_r} moves the val loss from {rows['full']['val_loss']:.3f} to "
+              f"{rows[lora_r]['val_loss']:.3f} ({lost:+.3f}), test accuracy from {rows['full']['test_accuracy']:.3f} to "
+              f"{rows[lora_r]['test_accuracy']:.3f}; dropping the matrix updates altogether gives val loss "
+              f"{rows[0]['val_loss']:.3f}.")
+        if span > 0 and lost <= 0:
+            print(f"So rank {lora_r} keeps all of the drop in val loss the matrix updates make; the cut update is even "
+                  f"{-lost:.3f} better.")
+        elif span > 0:
+            print(f"So rank {lora_r} keeps {1 - lost / span:.0%} of the drop in val loss the matrix updates make.")
+    close = [r for r in ranks if rows[r]["val_loss"] <= 1.1 * rows["full"]["val_loss"]]
+    print("The smallest rank within 10% of the whole update's val loss: " +
+          (f"r = {close[0]} ({rows[close[0]]['val_loss']:.3f})." if close else f"none up to r = {ranks[-1]}."))
+    if close and close[0] <= lora_r:
+        print(f"So here, yes: rank {lora_r} holds what the update does.")
+    elif np.mean(list(e_at.values())) > np.mean(list(e_rand.values())):
+        print(f"So here, partly: dW is more concentrated than a random matrix ({np.mean(list(e_at.values())):.0%} of its "
+              f"energy in the top {lora_r} against {np.mean(list(e_rand.values())):.0%}), but matching the whole update took "
+              + (f"r = {close[0]}" if close else f"more than r = {ranks[-1]}") + f", more than LoRA's {lora_r}.")
+    else:
+        print("So here, no: dW is no more concentrated than a random matrix.")
+    if overlap:
+        mean = lambda key: np.mean([o[key] for o in overlap.values()])
+        print(f"LoRA's update shares {mean('overlap'):.2f} of its input directions with full fine-tuning's top {lora_r} "
+              f"on c_attn (random: {mean('chance'):.2f}), and {mean('overlap_out'):.2f} of its output directions "
+              f"(random: {mean('chance_out'):.2f}).")
+    print(f"LoRA trained on its own reached val loss {runs['lora'][0]['final_val_loss']:.3f}, full fine-tuning "
+          f"{runs['full'][0]['final_val_loss']:.3f}.")
+    return e_at, e_rand
+
+
+@lesson_section("6. figures")
+def save_figures(spectra, random_spectra, dW_lora, rows, lora_val, lora_r, out_dir):
+    """singular_values.png: every dW's singular values divided by its largest, and the energy in its top i
+    directions, one line per matrix and block, next to a random matrix and LoRA's own update.
+    truncated_update.png: the validation loss and test accuracy with every dW cut to rank r."""
+    spectra_path = os.path.join(out_dir, "singular_values.png")
+    trunc_path = os.path.join(out_dir, "truncated_update.png")
+    plot_spectra(spectra, random_spectra, dW_lora, lora_r, spectra_path)
+    plot_truncation(rows, lora_val, lora_r, trunc_path)
+    for path in (spectra_path, trunc_path):
+        print(f"saved {os.path.relpath(path)}")
+    return [spectra_path, trunc_path]
+
 
 def plot_spectra(spectra, random_spectra, dW_lora, lora_r, path):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
@@ -220,9 +283,9 @@ def plot_truncation(rows, lora_val, lora_r, path):
     ranks = [r for r in rows if r != "full"]
     xs = [max(r, 0.5) for r in ranks]                       # r = 0 drawn at 0.5 on the log axis
     ax.plot(xs, [rows[r]["val_loss"] for r in ranks], "o-", color="tab:red", lw=2,
-            label="full fine-tuning's dW cut to rank r")
-    ax.axhline(rows["full"]["val_loss"], color="tab:red", ls="--", label="full fine-tuning's whole dW")
-    ax.axhline(lora_val, color="tab:blue", ls=":", lw=2, label=f"LoRA trained with r = {lora_r} (c_attn only)")
+            label="val loss, full fine-tuning's dW cut to rank r")
+    ax.axhline(rows["full"]["val_loss"], color="tab:red", ls="--", label="val loss, full fine-tuning's whole dW")
+    ax.axhline(lora_val, color="tab:blue", ls=":", lw=2, label=f"val loss, LoRA trained with r = {lora_r} (c_attn only)")
     ax.axvline(lora_r, color="black", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs)
@@ -230,16 +293,15 @@ def plot_truncation(rows, lora_val, lora_r, path):
     ax.set_xlabel("rank r kept in every block matrix (log scale; 0: no matrix update)")
     ax.set_ylabel("validation loss (nats per answer token)")
     ax.set_title("Does the low-rank part do the work?")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [100 * rows[r]["test_accuracy"] for r in ranks], "s--", color="tab:green",
+             label="test accuracy, dW cut to rank r (right axis)")
+    ax2.set_ylabel("test accuracy (% exact match)", color="tab:green")
+    ax2.set_ylim(0, 100)
     handles, labels = ax.get_legend_handles_labels()
-    if "field_accuracy" in rows["full"]:
-        ax2 = ax.twinx()
-        ax2.plot(xs, [100 * rows[r]["field_accuracy"] for r in ranks], "s--", color="tab:green",
-                 label="record fields right (cut dW), right axis")
-        ax2.set_ylabel("record fields right (% of key=value pairs)", color="tab:green")
-        ax2.set_ylim(0, 100)
-        more = ax2.get_legend_handles_labels()
-        handles, labels = handles + more[0], labels + more[1]
-    ax.legend(handles, labels, loc="center right")
+    more = ax2.get_legend_handles_labels()
+    ax2.legend(handles + more[0], labels + more[1], loc="upper center")     # on the top axes: above every line
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -248,80 +310,38 @@ def plot_truncation(rows, lora_val, lora_r, path):
 
 # ----------------------------------------------------------------------------------------------------
 
-def main(steps=200, batch_size=8, task_name="record", n_test=100, ranks=(1, 2, 4, 8, 16, 32, 64), lora_r=8, seed=0,
-         checkpoint=CHECKPOINT, config=None, out_dir=OUT_DIR):
+def main(steps=200, batch_size=8, task_name=DEFAULT_TASK, n_test=100, ranks=(1, 2, 4, 8, 16, 32, 64), lora_r=8,
+         seed=0, checkpoint=CHECKPOINT, config=None, out_dir=OUT_DIR):
     """Run the lesson.
 
-    steps, batch_size: the budget of both fine-tuning runs (learning rates: tinyllm.compare's, tuned on this
-    task); n_test: test examples scored (the first n; None: all); ranks: the r
-    values reported and tested (capped at the matrices' size); lora_r: the rank of tinyllm.compare's LoRA
-    (drawn as the reference); checkpoint: the pretrained model (pretrained first if missing); config: GPTConfig
-    fields of a random model to use instead (tests). Returns a dict of the measured numbers and figure paths.
+    steps, batch_size: the budget of both fine-tuning runs (learning rates: the sweep's for the task);
+    n_test: test examples scored (the first n; None: all); ranks: the r values reported and tested (capped
+    at the matrices' size); lora_r: the rank of the comparison's LoRA (drawn as the reference); checkpoint:
+    the pretrained model (pretrained first if missing); config: GPTConfig fields of a random model to use
+    instead (tests). Returns a dict of the measured numbers and figure paths.
     """
     os.makedirs(out_dir, exist_ok=True)
     base, tok, data, source = load_base(checkpoint, config)
     task = get_task(task_name, World(data["world_seed"], data["n_people"]))
-    task = dataclasses.replace(task, test=task.test[:n_test])
+    task.test = task.test[:n_test]
     ranks = sorted({r for r in ranks if r <= base.config.n_embd})
-    print(f"Base model: {source}. Task {task_name!r} (scored on {len(task.test)} test examples), {steps} steps of "
-          f"{batch_size} examples per run.")
-    section("1. fine-tuning")
-    before = measure_base(base, tok, task)
-    full_run, full_after = train_and_keep(base, tok, task, "full", steps, batch_size, before)
+    print(f"Base model: {source}. Task {task_name!r}: e.g. {task.train[0][0]!r} -> {task.train[0][1]!r}; accuracy on "
+          f"{len(task.test)} test examples; every run {steps} steps of {batch_size} examples.")
+    runs = fine_tune_both(base, tok, task, steps, batch_size)
     lora_cfg = method_config("lora")
-    lora_run, lora_arrays = train_and_keep(base, tok, task, "lora", steps, batch_size, before)
-    dW_full, dW_lora = updates(base, full_after, lora_arrays, lora_cfg.scale, base.config.n_layer)
-
+    dW_full, dW_lora = updates(base, runs["full"][1], runs["lora"][1], lora_cfg.scale, base.config.n_layer)
     spectra, random_spectra = show_spectra(dW_full, ranks, lora_r, seed)
-    rows = truncation_test(base, tok, task, full_after, dW_full, ranks)
+    rows = truncation_test(base, tok, task, runs["full"][1], dW_full, ranks)
     overlap = show_overlap(dW_full, dW_lora, lora_cfg.r)
-
-    section("what it shows")
-    e_at = {name: energy(s)[min(lora_r, len(s)) - 1] for name, s in spectra.items()}
-    e_rand = {name: energy(s)[min(lora_r, len(s)) - 1] for name, s in random_spectra.items()}
-    print(f"Energy of dW in its top {lora_r} directions: {min(e_at.values()):.0%} to {max(e_at.values()):.0%} over the "
-          f"{len(e_at)} matrices (mean {np.mean(list(e_at.values())):.0%}); for random matrices of the same shapes "
-          f"{np.mean(list(e_rand.values())):.0%}.")
-    lost = rows[lora_r]["val_loss"] - rows["full"]["val_loss"] if lora_r in rows else float("nan")
-    span = rows[0]["val_loss"] - rows["full"]["val_loss"]
-    print(f"Cutting every dW to rank {lora_r} moves the val loss from {rows['full']['val_loss']:.3f} to "
-          f"{rows[lora_r]['val_loss']:.3f} ({lost:+.3f}); dropping the matrix updates altogether gives {rows[0]['val_loss']:.3f}.")
-    if span > 0 and lost <= 0:
-        print(f"So rank {lora_r} keeps all of the improvement the matrix updates make; the cut update is even "
-              f"{-lost:.3f} better.")
-    elif span > 0:
-        print(f"So rank {lora_r} keeps {1 - lost / span:.0%} of the improvement the matrix updates make.")
-    if "field_accuracy" in rows["full"]:
-        print(f"On the record's fields, the stricter test: the update cut to rank {lora_r} gets "
-              f"{rows[lora_r]['field_accuracy']:.0%} of them right, the whole update {rows['full']['field_accuracy']:.0%}.")
-    close = [r for r in ranks if rows[r]["val_loss"] <= 1.1 * rows["full"]["val_loss"]]
-    print("The smallest rank within 10% of the whole update's val loss: " +
-          (f"r = {close[0]} ({rows[close[0]]['val_loss']:.3f})." if close else f"none up to r = {ranks[-1]}."))
-    concentrated = np.mean(list(e_at.values())) > np.mean(list(e_rand.values()))
-    if close and close[0] <= lora_r:
-        print(f"So here, yes: rank {lora_r} holds what the update does.")
-    elif concentrated:
-        print("So here, partly: dW is far more concentrated than a random matrix, but matching the whole update took "
-              + (f"r = {close[0]}" if close else f"more than r = {ranks[-1]}") + f", more than LoRA's {lora_r}.")
-    mean_overlap = np.mean([o["overlap"] for o in overlap.values()]) if overlap else float("nan")
-    chance = np.mean([o["chance"] for o in overlap.values()]) if overlap else float("nan")
-    print(f"LoRA's update shares {mean_overlap:.2f} of its top-{lora_cfg.r} subspace with full fine-tuning's on c_attn "
-          f"(random subspaces: {chance:.2f}). LoRA trained on its own reached val loss {lora_run['final_val_loss']:.3f}, "
-          f"full fine-tuning {full_run['final_val_loss']:.3f}.")
-
-    section("figures")
-    spectra_path = os.path.join(out_dir, "singular_values.png")
-    trunc_path = os.path.join(out_dir, "truncated_update.png")
-    plot_spectra(spectra, random_spectra, dW_lora, lora_r, spectra_path)
-    plot_truncation(rows, lora_run["final_val_loss"], lora_r, trunc_path)
-    print(f"saved {os.path.relpath(spectra_path)}: normalised singular values and energy of every dW")
-    print(f"saved {os.path.relpath(trunc_path)}: validation loss with dW cut to rank r")
+    e_at, e_rand = what_it_shows(spectra, random_spectra, rows, ranks, overlap, runs, lora_r)
+    figures = save_figures(spectra, random_spectra, dW_lora, rows, runs["lora"][0]["final_val_loss"], lora_r, out_dir)
+    full, lora = runs["full"][0], runs["lora"][0]
     return dict(source=source, task=task_name, steps=steps, batch_size=batch_size,
-                full_val_loss=full_run["final_val_loss"], lora_val_loss=lora_run["final_val_loss"],
-                full_accuracy=full_run["accuracy_after"], lora_accuracy=lora_run["accuracy_after"],
+                full_val_loss=full["final_val_loss"], lora_val_loss=lora["final_val_loss"],
+                full_accuracy=full["accuracy_after"], lora_accuracy=lora["accuracy_after"],
                 energy_at_lora_r=e_at, random_energy_at_lora_r=e_rand,
-                directions_for_90=({n: directions_for(s, 0.9) for n, s in spectra.items()}),
-                truncation=rows, overlap=overlap, figures=[spectra_path, trunc_path])
+                directions_for_90={n: directions_for(s, 0.9) for n, s in spectra.items()},
+                truncation=rows, overlap=overlap, figures=figures)
 
 
 if __name__ == "__main__":

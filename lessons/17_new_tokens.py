@@ -13,7 +13,7 @@ method that cannot train those rows starts far behind and may never catch up, wh
 This is why the comparison (lesson 09) uses only seen characters: on record_symbols, the table would measure
 who may train a new symbol's embedding, not the methods. A test checks every lab task against the corpus.
 
-Run from the repository root (about 2 minutes on 2 cores):
+Run from the repository root (README.md has the measured time):
 
     python lessons/17_new_tokens.py
 

@@ -9,7 +9,7 @@ GPUs, data parallelism, works the same on the cores of one laptop, and tinyllm's
   4. what it costs: step time against the number of workers, and why BLAS must get one thread per worker
   5. the same picture at scale: PyTorch's DistributedDataParallel, and what is built on it
 
-Run from the repository root (about a minute on 2 cores):
+Run from the repository root (README.md has the measured time):
 
     python lessons/19_many_cores.py
 

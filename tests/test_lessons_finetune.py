@@ -29,7 +29,11 @@ def test_05_full_finetuning(tmp_path):
     assert m["last_k_val_loss_after"] < m["val_loss_before"]
     for k in (m["knowledge_before"], m["knowledge_after"]):
         assert 0.0 <= k["fact_recall"] <= 1.0 and k["corpus_loss"] > 0
-    assert set(m["record_parts"]) == {"before", "after"}
+    assert set(m["scores"]) == {"before", "after"}
+    assert m["scores"]["before"]["accuracy"] == m["accuracy_before"]
+    assert m["scores"]["after"]["accuracy"] == m["accuracy_after"]
+    for s in m["scores"].values():
+        assert 0.0 <= s["format_rate"] <= 1.0 and s["by_field"]
     assert_figures(m["figures"], tmp_path, 2)
 
 
@@ -49,9 +53,9 @@ def test_06_lora(tmp_path):
     assert m["reload_max_diff"] == 0.0                  # the saved adapter is the trained one, bit for bit
     assert m["disabled_max_diff"] == 0.0
     rows = m["task_table"]
-    assert set(rows) == {"base (disable_adapter)", "adapter 'record'", "adapter 'qa'"}
+    assert set(rows) == {"base (disable_adapter)", "adapter 'extract'", "adapter 'qa'"}
     # each adapter lowered the loss of its own task below the base's
-    assert rows["adapter 'record'"]["record"]["val_loss"] < rows["base (disable_adapter)"]["record"]["val_loss"]
+    assert rows["adapter 'extract'"]["extract"]["val_loss"] < rows["base (disable_adapter)"]["extract"]["val_loss"]
     assert rows["adapter 'qa'"]["qa"]["val_loss"] < rows["base (disable_adapter)"]["qa"]["val_loss"]
     assert_figures(m["figures"], tmp_path, 2)
 
@@ -63,6 +67,9 @@ def test_07_prefix_tuning(tmp_path):
     assert m["trainable_params"] == 2 * L * P * C
     assert m["prefix_vs_kv_cache_max_diff"] < 1e-5      # the prefix model is the base with a pre-filled KV cache
     assert m["text_prefix_vs_text_max_diff"] < 1e-5     # a prefix from text is the base reading that text
+    assert m["prompt_trainable"] == P * C                # a prompt: P input vectors, 2L times fewer numbers
+    assert m["prompt_as_prefix_max_diff"] < 1e-5        # every prompt is the prefix its blocks compute
+    assert m["prompt_vs_prefix_from_text_max_diff"] < 1e-5   # from the same text: the same model at the start
     assert m["generation_matches_cache"]
     assert m["val_loss_after"] < m["val_loss_before"]
     assert m["length_trainable"] == {n: 2 * L * n * C for n in (1, P)}

@@ -54,7 +54,7 @@ def test_11_prefix_prompt_adapter_sizes(tmp_path):
     mlp = m["prefix_init"][f"MLP, lr {0.1 * m['lrs']['prefix']:g}"]
     assert mlp["params"] == 10 * C + C * H + H + H * 2 * L * C + 2 * L * C
     assert set(m["prompt_init"]) == {"RANDOM", "SAMPLE_VOCAB", "TEXT"}
-    assert m["dropped"] == {}                                            # qa examples fit even with P = 50
+    assert m["dropped"] == {}                                            # extract examples fit even with P = 50
     runs = [*m["prefix"].values(), *m["prompt"].values(), *m["adapter"].values()]
     assert all(finite(r["val_loss"]) and r["dropped"] == 0 for r in runs)
     assert_figures(m["figures"], tmp_path, 1)
@@ -76,8 +76,9 @@ def test_12_data_size(tmp_path):
     m = load_lesson("12_data_size").main(sizes=(5, None), methods=("full", "lora", "prompt"), steps=3,
                                         batch_size=2, tail=2, config=TINY, out_dir=str(tmp_path))
     from tinyllm.data import World
+    from tinyllm.presets import DEFAULT_TASK
     from tinyllm.tasks import get_task
-    assert m["sizes"] == [5, len(get_task("qa", World()).train)]         # None: all of qa's training examples
+    assert m["sizes"] == [5, len(get_task(DEFAULT_TASK, World()).train)]  # None: all of the task's training examples
     assert set(m["results"]) == {"full", "lora", "prompt"}
     for method, by_n in m["results"].items():
         for n, r in by_n.items():
@@ -98,7 +99,9 @@ def test_13_is_the_update_low_rank(tmp_path):
     for name, e in m["energy_at_lora_r"].items():
         assert 0 < e <= 1 and 0 < m["random_energy_at_lora_r"][name] <= 1 and m["directions_for_90"][name] <= C
     assert len(m["overlap"]) == L and all(0 <= o["overlap"] <= 1 + 1e-9 for o in m["overlap"].values())
-    assert all(o["chance"] == pytest.approx(8 / C) for o in m["overlap"].values())
+    assert all(0 <= o["overlap_out"] <= 1 + 1e-9 for o in m["overlap"].values())
+    assert all(o["chance"] == pytest.approx(8 / C) for o in m["overlap"].values())        # c_attn's input: C
+    assert all(o["chance_out"] == pytest.approx(8 / (3 * C)) for o in m["overlap"].values())   # its output: 3C
     assert_figures(m["figures"], tmp_path, 2)
 
 
@@ -113,11 +116,17 @@ def test_13_truncation_is_the_best_low_rank_approximation():
         assert np.linalg.norm(dW - approx) ** 2 == pytest.approx(np.sum(s[r:] ** 2))   # Eckart-Young
     assert lesson.energy(s)[-1] == pytest.approx(1.0)
     assert lesson.subspace_overlap(dW, dW, 3) == pytest.approx(1.0)
+    # weights are (in, out): two updates that read the same input direction and write orthogonal outputs
+    u, v1, v2 = np.eye(12)[0], np.eye(7)[0], np.eye(7)[1]
+    a, b = np.outer(u, v1), np.outer(u, v2)                             # (in, out) = (12, 7)
+    assert lesson.subspace_overlap(a, b, 1, "input") == pytest.approx(1.0)
+    assert lesson.subspace_overlap(a, b, 1, "output") == pytest.approx(0.0)
 
 
 def test_14_few_shot_vs_finetuning(tmp_path):
-    m = load_lesson("14_few_shot_vs_finetuning").main(max_shots=3, seeds=(0, 1), methods=("lora",), steps=2,
-                                                     batch_size=2, config=TINY, out_dir=str(tmp_path))
+    # qa, where two shots fit (on the default task, extract, one at most)
+    m = load_lesson("14_few_shot_vs_finetuning").main(task_name="qa", max_shots=3, seeds=(0, 1), methods=("lora",),
+                                                     steps=2, batch_size=2, config=TINY, out_dir=str(tmp_path))
     from tinyllm.data import World
     from tinyllm.tasks import TASKS, few_shot_task, get_task
     from tinyllm.tokenizer import default_tokenizer
@@ -149,6 +158,12 @@ def test_15_memory_at_scale(tmp_path):
     xl = m["gib"]["gpt2-xl"]
     assert xl["full"]["adam"] == pytest.approx(2 * xl["full"]["weights"])
     assert all(xl[k]["total"] < xl["full"]["total"] for k in xl if k != "full")
+    # the per-block breakdown adds up to tinyllm.memory's count; only full fine-tuning reads every linear's input
+    assert m["breakdown_matches"]
+    unread = m["unread_gib"]
+    assert unread["full"] == 0 and all(unread[k] > 0 for k in unread if k != "full")
+    assert unread["lora"] < unread["prompt"]                             # LoRA's A gradient reads c_attn's input
+    assert all(unread[k] < xl[k]["activations"] for k in unread)
     assert_figures(m["figures"], tmp_path, 1)
 
 
