@@ -30,9 +30,14 @@ def budgets(*losses, steps=(125, 250, 500, 1000)):
     return [{"steps": s, "best_lr": 1e-3 * (i + 1), "best_val_loss": v} for i, (s, v) in enumerate(zip(steps, losses))]
 
 
-def test_choose_every_way():
+def test_choose_every_way(monkeypatch):
     c = sweep.choose(budgets(1.0, 0.5, 0.49))            # 250 -> 500 gains 2%: 250 is the budget
     assert (c["steps"], c["lr"], c["flattened"], c["doubled_val_loss"]) == (250, 2e-3, True, 0.49)
+    c = sweep.choose(budgets(1.0, 0.5, 0.3, 0.1))        # still falling at 1000, the cap: 1000, gain unknown
+    assert (c["steps"], c["flattened"], c["doubled_val_loss"]) == (1000, False, None)
+    c = sweep.choose(budgets(1.0, 0.5, 0.3, 0.01))       # at the cap with a loss below ABS_TOL: nothing left
+    assert (c["steps"], c["flattened"]) == (1000, True)
+    monkeypatch.setattr(sweep, "CAP", 500)              # a lower cap: the budget above it says what it gains
     c = sweep.choose(budgets(1.0, 0.5, 0.3, 0.1))        # still falling at 500, the cap: 500, not flattened
     assert (c["steps"], c["flattened"], c["doubled_val_loss"]) == (500, False, 0.1)
     c = sweep.choose(budgets(1.0, 0.5, 0.3, 0.299))      # 500 -> 1000 gains nothing: 500, flattened

@@ -11,8 +11,8 @@ stopped while its loss still falls is measured on how fast it starts, not where 
   2. each (S, lr) trains SEEDS times; its score is the mean final validation loss
   3. the budget has flattened when doubling it lowers the best score by less than REL_TOL of it (or by
      less than ABS_TOL nats, for a loss already near zero): the method's budget is S, at its best lr
-     there; otherwise CAP (500 steps, what the default comparison affords), marked not flattened, with
-     what doubling it gained on record
+     there; otherwise CAP (the most the default comparison trains), marked not flattened, with what doubling
+     it gained on record when the sweep measured it
 Then the variants the tuning claims need (tinyllm.presets.VARIANTS: LoRA rank and placement, prefix length
 and initialisation): each at its method's budget, its lr the best (on validation) of the method's and one
 rung either side, then three fresh seeds at that lr, scored on the test examples.
@@ -38,8 +38,8 @@ from .pretrain import PRETRAIN_OUT
 from .train import default_out, duration
 
 BUDGETS = (125, 250, 500, 1000)   # steps, doubling
-CAP = 500                         # the most steps one run of the default comparison affords (its runs take
-                                  # minutes in all); a larger budget is measured only to say what it would gain
+CAP = 1000                        # the most steps a run of the default comparison trains (a lower cap saves
+                                  # minutes; the budgets above it are then measured only to say what they gain)
 BATCH_SIZE = 8                    # examples per step, in the sweep and in compare
 SEEDS = (1000, 1001)              # seeds of the sweep's runs: apart from compare's (0, 1, 2, ...)
 VARIANT_SEEDS = (1000, 1001, 1002)  # the variants' runs that the claims compare
@@ -112,7 +112,8 @@ def sweep_method(base, tok, task, method, echo=default_out, budgets=BUDGETS, see
 
 def choose(by_budget):
     """The method's budget from its scores at doubling budgets: the first one at which doubling no longer
-    helps (flattened), or CAP, marked not flattened, with what doubling it gave (doubled_val_loss)."""
+    helps (flattened), or CAP, marked not flattened (unless its loss is already below ABS_TOL), with what
+    doubling it gave (doubled_val_loss)."""
     allowed = [b for b in by_budget if b["steps"] <= CAP]
     for b, doubled in zip(allowed, by_budget[1:]):
         if flattened(b["best_val_loss"], doubled["best_val_loss"]):
@@ -120,7 +121,8 @@ def choose(by_budget):
     else:
         b = allowed[-1]
         doubled = next((d for d in by_budget if d["steps"] == 2 * b["steps"]), None)
-    return {"lr": b["best_lr"], "steps": b["steps"], "flattened": doubled is not None and
+    done = b["best_val_loss"] < ABS_TOL         # no budget can lower it by more than ABS_TOL
+    return {"lr": b["best_lr"], "steps": b["steps"], "flattened": done or doubled is not None and
             flattened(b["best_val_loss"], doubled["best_val_loss"]), "val_loss": b["best_val_loss"],
             "doubled_val_loss": doubled["best_val_loss"] if doubled else None}
 
