@@ -77,3 +77,18 @@ def test_variants_choose_the_lr_on_one_seed_and_compare_fresh_seeds_on_test(tmp_
         assert [r["seed"] for r in s["runs"]] == [1000, 1001] and all(r["lr"] == s["lr"] for r in s["runs"])
         assert len(s["test_losses"]) == 2 and all(len(x) == len(task.test) for x in s["test_losses"])
         assert s["main"] == (label == "random")
+
+
+def test_the_committed_sweep_is_what_compare_reads():
+    """tinyllm/sweeps/extract/ holds every main method's choice and every variant group's runs, in the form
+    the claims read (a variant setting: one list of per-example test losses per seed)."""
+    from tinyllm import claims, presets
+    tuned = presets.tuned("extract")
+    assert all(t["source"] != "fallback" and t["steps"] <= sweep.CAP for t in tuned.values()), tuned
+    groups = presets.sweep_variants("extract")
+    assert set(groups) == set(presets.VARIANTS)
+    for name, g in groups.items():
+        assert set(g["settings"]) == set(presets.VARIANTS[name][1]), name
+        for label, s in g["settings"].items():
+            assert len(s["test_losses"]) == len(sweep.VARIANT_SEEDS) and all(len(x) > 0 for x in s["test_losses"])
+        assert name in claims.show_group(name, g["settings"])
