@@ -108,3 +108,11 @@ def test_loading_a_gpt2_folder_grows_memory_by_about_one_copy(tmp_path):
     r = bench.in_own_process({"load": str(tmp_path)}, 1)
     size = (tmp_path / "model.safetensors").stat().st_size
     assert r["seconds"] > 0 and r["peak_growth"] < 1.6 * size
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_torch_yardstick_steps_more_than_once(method):
+    pytest.importorskip("torch")
+    step = bench.torch_step(bench.CONFIGS["lesson"][0], 2, 16, method)
+    step()
+    step()      # a second backward through the first step's graph would raise

@@ -77,7 +77,7 @@ def torch_step(config, B, T, method):
     lora = method == "lora"
     params = {k: torch.tensor(v, requires_grad=not lora) for k, v in GPT(config, seed=0).params.items()}
     C, NH = config.n_embd, config.n_head
-    extra = {f"{i}{ab}": torch.randn(*shape, requires_grad=True) * 0.01 for i in range(config.n_layer)
+    extra = {f"{i}{ab}": (0.01 * torch.randn(*shape)).requires_grad_() for i in range(config.n_layer)
              for ab, shape in (("A", (C, 8)), ("B", (8, 3 * C)))} if lora else {}
     x, y = (torch.tensor(a) for a in random_batch(config, B, T))
 
@@ -154,8 +154,9 @@ def bench_model(name, method="full", repeats=3, torch_ref=True, steps=None):
     PyTorch eager when installed: each in its own process, the processes taking turns, medians of repeats."""
     config, B, T = CONFIGS[name]
     steps = steps or (2 if config.n_embd >= 768 else 10)
-    libraries = {"tinyllm, 1 worker": dict(library="tinyllm", workers=1),
-                 f"tinyllm, {default_workers(B)} workers": dict(library="tinyllm", workers=default_workers(B))}
+    libraries = {"tinyllm, 1 worker": dict(library="tinyllm", workers=1)}
+    if default_workers(B) > 1:                  # a batch of 1 has nothing to split
+        libraries[f"tinyllm, {default_workers(B)} workers"] = dict(library="tinyllm", workers=default_workers(B))
     if torch_ref and importlib.util.find_spec("torch") is not None:
         libraries["torch eager"] = dict(library="torch", workers=None)
     seconds = {k: [] for k in libraries}
