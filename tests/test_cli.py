@@ -18,6 +18,7 @@ import pytest
 
 from tinyllm.__main__ import build_parser, main
 from tinyllm.checkpoint import load_checkpoint, save_checkpoint
+from train_helpers import DELETE, changed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = sorted(next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices)
@@ -168,17 +169,9 @@ def pretraining_checkpoint(tmp_path):
 
 
 def crafted(tmp_path, good, name, field, value):
+    """A copy of the checkpoint good with field set to value (None: removed), saved as tmp_path/name."""
     arrays, meta = good
-    meta = json.loads(json.dumps(meta))
-    *parents, last = field.split(".")
-    d = meta
-    for p in parents:
-        d = d[p]
-    if value is None:
-        del d[last]
-    else:
-        d[last] = value
-    save_checkpoint(tmp_path / name, arrays, meta)
+    save_checkpoint(tmp_path / name, arrays, changed(meta, field, DELETE if value is None else value))
     return str(tmp_path / name)
 
 

@@ -28,11 +28,10 @@ from tinyllm.peft import LoraConfig, PeftModel, get_peft_model
 from tinyllm.pretrain import PRETRAIN_DATA, pretrain
 from tinyllm.safetensors import load_file, save_file
 from tinyllm.train import TrainConfig, train
-from train_helpers import batches
+from train_helpers import DELETE, batches, changed
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
 CHARS = "abcdefghij\n"
-DELETE = object()        # a change that removes the field
 
 
 def quiet(line):
@@ -51,20 +50,6 @@ def good(tmp_path_factory):
     train(GPT(TINY), batches(), tiny_config(path), out=quiet,
           meta={"kind": "pretrain", "tokenizer_chars": CHARS, "data": {**PRETRAIN_DATA, "n_chars": 2000}})
     return load_checkpoint(path)
-
-
-def changed(meta, field, value):
-    """A copy of meta with the dotted field ('history.train_loss') set to value, or removed (DELETE)."""
-    meta = json.loads(json.dumps(meta))
-    *parents, last = field.split(".")
-    d = meta
-    for p in parents:
-        d = d[p]
-    if value is DELETE:
-        del d[last]
-    else:
-        d[last] = value
-    return meta
 
 
 def write_crafted(path, good, field, value):

@@ -1,5 +1,7 @@
 """What the training-loop tests share: a random corpus over 11 token ids, its batches, and a get_batch that
-stops with Ctrl-C partway."""
+stops with Ctrl-C partway; changed(), a copy of checkpoint metadata with one field changed."""
+import json
+
 import numpy as np
 
 from tinyllm.train import corpus_batches
@@ -23,3 +25,20 @@ def interrupt_at_train_batch(get_batch, n):
                 raise KeyboardInterrupt
         return batch
     return wrapped
+
+
+DELETE = object()        # a change that removes the field
+
+
+def changed(meta, field, value):
+    """A copy of meta with the dotted field ('history.train_loss') set to value, or removed (DELETE)."""
+    meta = json.loads(json.dumps(meta))
+    *parents, last = field.split(".")
+    d = meta
+    for p in parents:
+        d = d[p]
+    if value is DELETE:
+        del d[last]
+    else:
+        d[last] = value
+    return meta
